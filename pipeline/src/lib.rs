@@ -1,0 +1,1 @@
+//! Sluice runtime: typed operator graphs, bounded stages, the Kafka source and acknowledgements.

@@ -1,0 +1,1 @@
+//! FrameWorks event and row types, ClickHouse DDL and PostgreSQL migrations.

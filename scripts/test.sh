@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace (unit and integration, all crates) against real local
+# services, which it starts itself. Exits non-zero on any failure; the last lines are
+# cargo's own test summary.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/services.sh up
+
+# Integration tests share the services; each uses its own topics, groups and tables.
+export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}
+export CLICKHOUSE_URL=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
+export DATABASE_URL=${DATABASE_URL:-postgres://sluice:sluice@127.0.0.1:5432/sluice}
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole workspace (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$rc"

@@ -1,0 +1,1 @@
+//! Sinks: ClickHouse batch inserts and PostgreSQL state reduction.
