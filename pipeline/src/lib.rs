@@ -1,1 +1,51 @@
-//! Sluice runtime: typed operator graphs, bounded stages, the Kafka source and acknowledgements.
+//! Sluice runtime: typed operator graphs over bounded, backpressured stages, a Kafka source
+//! with a consumer group, and acknowledgements that commit an offset only once every sink
+//! holding data derived from it has written it.
+//!
+//! ```no_run
+//! use sluice_pipeline::{Batch, BatchLimits, KafkaSource, KafkaSourceConfig, Pipeline, PipelineConfig, Sink, SinkError};
+//!
+//! /// Logs the total size of each batch.
+//! struct LogSizes;
+//!
+//! impl Sink for LogSizes {
+//!     type Item = usize;
+//!     async fn write(&mut self, batch: &Batch<usize>) -> Result<(), SinkError> {
+//!         tracing::info!(bytes = batch.items.iter().sum::<usize>(), "batch");
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let pipeline = Pipeline::new(PipelineConfig::default());
+//! let source = KafkaSource::new(KafkaSourceConfig::new("127.0.0.1:9092", "group", vec!["events".into()]));
+//! pipeline
+//!     .source("kafka", source)
+//!     .map("measure", |record| record.byte_size())
+//!     .filter("non-empty", |size| *size > 0)
+//!     .batch("batch", BatchLimits::default(), |_| 8)
+//!     .sink("store", || LogSizes);
+//! # let _ = pipeline.run();
+//! ```
+
+pub mod ack;
+pub mod batch;
+pub mod error;
+pub mod graph;
+pub mod kafka;
+pub mod lifecycle;
+pub mod metrics;
+pub mod operator;
+pub mod retry;
+pub mod stages;
+
+pub use ack::{AckHandle, AckSet, TopicPartition};
+pub use batch::Batch;
+pub use error::{BoxError, ErrorKind, PipelineError, SinkError};
+pub use graph::{
+    Flow, FlushTrigger, Pipeline, PipelineConfig, PipelineHandle, Source, SourceContext, Stage,
+};
+pub use kafka::{KafkaRecord, KafkaSource, KafkaSourceConfig};
+pub use lifecycle::{Health, Shutdown, shutdown_on_signals};
+pub use operator::{AsyncOperator, Operator, Sink};
+pub use retry::RetryPolicy;
+pub use stages::{BatchLimits, Output};

@@ -1,0 +1,746 @@
+//! The Kafka source: a consumer-group member that turns polls into per-partition micro-batches,
+//! pauses fetching under backpressure, commits acknowledged offsets, and flushes and commits a
+//! partition's in-flight data before giving it up in a rebalance.
+//!
+//! librdkafka is polled on a dedicated thread, so a rebalance callback can wait for in-flight
+//! batches to be written without blocking the async stages that write them. The thread polls
+//! at least every 50 ms even while the output queue is full (it pauses the partitions instead
+//! of not polling), so `max.poll.interval.ms` never expires because a sink is slow.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::CString;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::ack::{PartitionLedger, TopicPartition};
+use crate::batch::Batch;
+use crate::error::PipelineError;
+use crate::graph::{FlushTrigger, Source, SourceContext};
+use crate::lifecycle::Health;
+use crate::metrics as m;
+use crate::stages::Output;
+
+/// One Kafka record, owned. Key, value and header values share one buffer per micro-batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaRecord {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Producer or log-append timestamp, milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers in order; a header without a value has an empty one.
+    pub headers: Vec<(Arc<str>, Bytes)>,
+}
+
+impl KafkaRecord {
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers
+            .iter()
+            .find(|(k, _)| &**k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// Bytes held by this record (key, value, header values), for batch size limits.
+    pub fn byte_size(&self) -> usize {
+        self.key.as_ref().map_or(0, Bytes::len)
+            + self.value.as_ref().map_or(0, Bytes::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+/// Settings of the Kafka source.
+#[derive(Clone, Debug)]
+pub struct KafkaSourceConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group.
+    pub group_id: String,
+    /// Topics to subscribe to.
+    pub topics: Vec<String>,
+    /// Extra librdkafka properties (`kafka.*` keys without the prefix); they override the
+    /// source's defaults.
+    pub client: BTreeMap<String, String>,
+    /// Most records in one micro-batch of one partition.
+    pub max_batch_records: usize,
+    /// Most bytes polled into one round of micro-batches.
+    pub max_batch_bytes: usize,
+    /// How often acknowledged offsets are committed.
+    pub commit_interval: Duration,
+    /// How long a revocation waits for the partition's in-flight batches to be written before
+    /// it commits what is written and lets the partition go.
+    pub revoke_timeout: Duration,
+    /// Stop (and trigger shutdown) once every assigned partition is processed up to the end
+    /// offset it had when first seen.
+    pub drain: bool,
+}
+
+impl KafkaSourceConfig {
+    /// Settings with defaults for everything but where to connect and what to read.
+    pub fn new(
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: Vec<String>,
+    ) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            topics,
+            client: BTreeMap::new(),
+            max_batch_records: 2_000,
+            max_batch_bytes: 4 << 20,
+            commit_interval: Duration::from_secs(1),
+            revoke_timeout: Duration::from_secs(20),
+            drain: false,
+        }
+    }
+
+    /// The librdkafka configuration: the source's defaults, then every `client` property.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // Bound what librdkafka pre-fetches (part of the documented memory bound).
+            .set("queued.max.messages.kbytes", "16384")
+            .set("fetch.max.bytes", "8388608")
+            .set("receive.message.max.bytes", "9437184");
+        for (k, v) in &self.client {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// A Kafka consumer-group member as a pipeline source.
+pub struct KafkaSource {
+    config: KafkaSourceConfig,
+}
+
+impl KafkaSource {
+    /// A source with these settings (the consumer is created when the pipeline runs).
+    pub fn new(config: KafkaSourceConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl Source for KafkaSource {
+    type Item = KafkaRecord;
+
+    async fn run(self, out: Output<KafkaRecord>, ctx: SourceContext) -> Result<(), PipelineError> {
+        let name = ctx.name.clone();
+        let shared = Arc::new(Shared {
+            ledgers: Mutex::new(HashMap::new()),
+            stash: Mutex::new(VecDeque::new()),
+            committed: Mutex::new(HashMap::new()),
+            drain: Mutex::new(HashMap::new()),
+            generation: Mutex::new(0),
+            flush: ctx.flush_trigger(),
+            health: ctx.health.clone(),
+            revoke_timeout: self.config.revoke_timeout,
+            name: name.clone(),
+        });
+        let consumer: BaseConsumer<SourceCallbacks> = self
+            .config
+            .client_config()
+            .create_with_context(SourceCallbacks {
+                shared: shared.clone(),
+            })
+            .map_err(|e| PipelineError::Source {
+                stage: name.clone(),
+                message: format!("cannot create Kafka consumer: {e}"),
+            })?;
+        let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| PipelineError::Source {
+                stage: name.clone(),
+                message: format!("cannot subscribe to {topics:?}: {e}"),
+            })?;
+
+        let handle = tokio::runtime::Handle::current();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let config = self.config;
+        std::thread::Builder::new()
+            .name("sluice-kafka".into())
+            .spawn(move || {
+                let mut worker = Worker {
+                    consumer,
+                    shared,
+                    out: Some(out),
+                    ctx,
+                    config,
+                    handle,
+                    paused: false,
+                    interned: HashMap::new(),
+                };
+                let result = worker.run();
+                let _ = done_tx.send(result);
+            })
+            .map_err(|e| PipelineError::Source {
+                stage: name.clone(),
+                message: format!("cannot start consumer thread: {e}"),
+            })?;
+        done_rx.await.unwrap_or_else(|_| {
+            Err(PipelineError::Source {
+                stage: name,
+                message: "consumer thread panicked".into(),
+            })
+        })
+    }
+}
+
+/// State shared between the polling thread and librdkafka's callbacks (which run inside
+/// `poll` on that same thread, so the locks are never contended).
+struct Shared {
+    ledgers: Mutex<HashMap<TopicPartition, Arc<PartitionLedger>>>,
+    /// Batches polled but not yet accepted by the full output queue.
+    stash: Mutex<VecDeque<Batch<KafkaRecord>>>,
+    /// Last offset the broker confirmed as committed, per partition.
+    committed: Mutex<HashMap<TopicPartition, i64>>,
+    /// Drain mode: per assigned partition, where it started and the end offset to reach.
+    drain: Mutex<HashMap<TopicPartition, DrainTarget>>,
+    /// Bumped on every rebalance: messages polled across one are discarded, not issued.
+    generation: Mutex<u64>,
+    flush: FlushTrigger,
+    health: Health,
+    revoke_timeout: Duration,
+    name: Arc<str>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct DrainTarget {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn tpl_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+impl Shared {
+    /// Commits every partition whose acknowledged position moved past what is committed.
+    fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        mode: CommitMode,
+        only: Option<&[TopicPartition]>,
+    ) {
+        let ledgers = lock(&self.ledgers);
+        let committed = lock(&self.committed).clone();
+        let mut tpl = TopicPartitionList::new();
+        let mut positions = Vec::new();
+        for (tp, ledger) in ledgers.iter() {
+            if only.is_some_and(|o| !o.contains(tp)) {
+                continue;
+            }
+            if let Some(pos) = ledger.committable()
+                && committed.get(tp) != Some(&pos)
+                && tpl
+                    .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(pos))
+                    .is_ok()
+            {
+                positions.push((tp.clone(), pos));
+            }
+        }
+        drop(ledgers);
+        if tpl.count() == 0 {
+            return;
+        }
+        match consumer.commit(&tpl, mode) {
+            Ok(()) if matches!(mode, CommitMode::Sync) => self.record_committed(&positions),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(source = %self.name, error = %e, "offset commit failed; will retry")
+            }
+        }
+    }
+
+    fn record_committed(&self, positions: &[(TopicPartition, i64)]) {
+        let mut committed = lock(&self.committed);
+        for (tp, pos) in positions {
+            committed.insert(tp.clone(), *pos);
+            metrics::gauge!(m::COMMITTED_OFFSET, "topic" => tp.topic.to_string(), "partition" => tp.partition.to_string())
+                .set(*pos as f64);
+        }
+    }
+
+    /// Revocation: drop what was not sent, flush what is in flight, wait until the revoked
+    /// partitions' batches are written (or the timeout passes), commit them, let them go.
+    fn revoke<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, revoked: &[TopicPartition]) {
+        *lock(&self.generation) += 1;
+        lock(&self.stash).retain(|b| b.acks().ranges().all(|(tp, _, _)| !revoked.contains(tp)));
+        let lost = consumer.assignment_lost();
+        if !lost {
+            self.flush.flush();
+            let deadline = Instant::now() + self.revoke_timeout;
+            let settled = || {
+                let ledgers = lock(&self.ledgers);
+                revoked
+                    .iter()
+                    .all(|tp| ledgers.get(tp).is_none_or(|l| l.settled()))
+            };
+            while !settled() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !settled() {
+                tracing::warn!(source = %self.name, timeout = ?self.revoke_timeout, "revoked partitions still had unwritten batches; they will be redelivered to the next owner");
+            }
+            self.commit(consumer, CommitMode::Sync, Some(revoked));
+        }
+        let mut ledgers = lock(&self.ledgers);
+        let mut drain = lock(&self.drain);
+        let mut committed = lock(&self.committed);
+        for tp in revoked {
+            ledgers.remove(tp);
+            drain.remove(tp);
+            committed.remove(tp);
+        }
+        tracing::info!(source = %self.name, partitions = revoked.len(), lost, "partitions revoked");
+    }
+
+    fn assign<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, assigned: &[TopicPartition]) {
+        *lock(&self.generation) += 1;
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut ledgers = lock(&self.ledgers);
+            for tp in assigned {
+                ledgers
+                    .entry(tp.clone())
+                    .or_insert_with(|| PartitionLedger::new(tp.clone()));
+                tpl.add_partition(&tp.topic, tp.partition);
+            }
+        }
+        // Where each partition starts (its committed offset), for drain mode and lag.
+        let starts = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .ok();
+        let mut drain = lock(&self.drain);
+        for tp in assigned {
+            let start = starts
+                .as_ref()
+                .and_then(|s| s.find_partition(&tp.topic, tp.partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            drain.insert(tp.clone(), DrainTarget { start, end: None });
+        }
+        self.health.set_assigned(!lock(&self.ledgers).is_empty());
+        tracing::info!(source = %self.name, partitions = assigned.len(), "partitions assigned");
+    }
+}
+
+/// librdkafka callbacks of the source's consumer.
+struct SourceCallbacks {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for SourceCallbacks {}
+
+impl ConsumerContext for SourceCallbacks {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.shared.revoke(consumer, &tpl_partitions(tpl));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.shared.assign(consumer, &tpl_partitions(tpl)),
+            Rebalance::Revoke(_) => self
+                .shared
+                .health
+                .set_assigned(!lock(&self.shared.ledgers).is_empty()),
+            Rebalance::Error(e) => {
+                tracing::error!(source = %self.shared.name, error = %e, "rebalance error")
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!(source = %self.shared.name, error = %e, "asynchronous offset commit failed; will retry");
+            return;
+        }
+        let positions: Vec<_> = offsets
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_ok())
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((TopicPartition::new(e.topic(), e.partition()), o)),
+                _ => None,
+            })
+            .collect();
+        self.shared.record_committed(&positions);
+    }
+}
+
+struct Worker {
+    consumer: BaseConsumer<SourceCallbacks>,
+    shared: Arc<Shared>,
+    out: Option<Output<KafkaRecord>>,
+    ctx: SourceContext,
+    config: KafkaSourceConfig,
+    handle: tokio::runtime::Handle,
+    paused: bool,
+    interned: HashMap<String, Arc<str>>,
+}
+
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(50);
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+impl Worker {
+    fn run(&mut self) -> Result<(), PipelineError> {
+        let mut last_commit = Instant::now();
+        let result = loop {
+            if self.ctx.shutdown.is_triggered() {
+                break Ok(());
+            }
+            let Some(out) = self.out.as_ref() else {
+                break Ok(());
+            };
+            let tx = out.sender().clone();
+            if tx.is_closed() {
+                break Err(PipelineError::DownstreamClosed {
+                    stage: self.shared.name.clone(),
+                });
+            }
+            self.push_stash(&tx);
+            let backlogged = !lock(&self.shared.stash).is_empty();
+            self.set_paused(backlogged);
+            if backlogged {
+                // Wait briefly for room downstream, then poll without blocking so that
+                // librdkafka keeps serving the group while we are paused.
+                let permit = self.handle.block_on(async {
+                    tokio::time::timeout(BACKPRESSURE_POLL, tx.reserve()).await
+                });
+                if let Ok(Ok(permit)) = permit
+                    && let Some(batch) = lock(&self.shared.stash).pop_front()
+                {
+                    permit.send(batch);
+                }
+                self.poll_round(Duration::ZERO, &tx);
+            } else {
+                self.poll_round(IDLE_POLL, &tx);
+            }
+            if last_commit.elapsed() >= self.config.commit_interval {
+                self.shared.commit(&self.consumer, CommitMode::Async, None);
+                self.update_lag();
+                last_commit = Instant::now();
+            }
+            if self.config.drain && self.drained() {
+                tracing::info!(source = %self.shared.name, "every assigned partition is processed to its end offset; draining");
+                self.ctx.shutdown.trigger();
+                break Ok(());
+            }
+        };
+        self.finish();
+        result
+    }
+
+    /// Stop fetching, let the stages flush, then commit everything written.
+    fn finish(&mut self) {
+        self.set_paused(true);
+        lock(&self.shared.stash).clear();
+        self.out = None; // closes the queue: the stages drain and finish
+        let mut last_commit = Instant::now();
+        while !self.ctx.is_downstream_done() {
+            // Keep serving group membership; nothing is fetched while paused, and anything
+            // that still arrives was never handed out, so it is simply redelivered later.
+            let _ = self.consumer.poll(BACKPRESSURE_POLL);
+            if last_commit.elapsed() >= self.config.commit_interval {
+                self.shared.commit(&self.consumer, CommitMode::Async, None);
+                last_commit = Instant::now();
+            }
+        }
+        self.shared.commit(&self.consumer, CommitMode::Sync, None);
+        self.update_lag();
+        self.consumer.unsubscribe();
+        self.shared.health.set_assigned(false);
+    }
+
+    fn set_paused(&mut self, pause: bool) {
+        if pause == self.paused {
+            return;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let r = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        match r {
+            Ok(()) => {
+                self.paused = pause;
+                metrics::gauge!(m::SOURCE_PAUSED).set(if pause { 1.0 } else { 0.0 });
+                tracing::debug!(source = %self.shared.name, pause, "fetching paused/resumed for backpressure");
+            }
+            Err(e) => {
+                tracing::warn!(source = %self.shared.name, error = %e, "cannot pause/resume partitions")
+            }
+        }
+    }
+
+    fn push_stash(&self, tx: &tokio::sync::mpsc::Sender<Batch<KafkaRecord>>) {
+        let mut stash = lock(&self.shared.stash);
+        while let Some(batch) = stash.pop_front() {
+            match tx.try_send(batch) {
+                Ok(()) => {}
+                Err(TrySendError::Full(batch)) | Err(TrySendError::Closed(batch)) => {
+                    stash.push_front(batch);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Polls one round of messages (up to the batch limits) and hands them on as
+    /// per-partition batches.
+    fn poll_round(
+        &mut self,
+        first_timeout: Duration,
+        tx: &tokio::sync::mpsc::Sender<Batch<KafkaRecord>>,
+    ) {
+        let generation = *lock(&self.shared.generation);
+        let consumer = &self.consumer;
+        let mut msgs: Vec<BorrowedMessage<'_>> = Vec::new();
+        let mut bytes = 0usize;
+        let mut timeout = first_timeout;
+        while bytes < self.config.max_batch_bytes && msgs.len() < self.config.max_batch_records * 4
+        {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Ok(msg)) => {
+                    bytes += msg.payload_len() + msg.key_len();
+                    msgs.push(msg);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(source = %self.shared.name, error = %e, "consumer error")
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+        if msgs.is_empty() || *lock(&self.shared.generation) != generation {
+            // Polled across a rebalance: these were never handed out; they are fetched again.
+            return;
+        }
+        // Group by partition, keeping each partition's order.
+        let mut groups: Vec<(TopicPartition, Vec<&BorrowedMessage<'_>>)> = Vec::new();
+        for msg in &msgs {
+            let topic = intern(&mut self.interned, msg.topic());
+            match groups
+                .iter_mut()
+                .find(|(tp, _)| tp.partition == msg.partition() && tp.topic == topic)
+            {
+                Some((_, v)) => v.push(msg),
+                None => groups.push((
+                    TopicPartition {
+                        topic,
+                        partition: msg.partition(),
+                    },
+                    vec![msg],
+                )),
+            }
+        }
+        let ledgers = lock(&self.shared.ledgers).clone();
+        for (tp, group) in groups {
+            let Some(ledger) = ledgers.get(&tp) else {
+                continue;
+            };
+            metrics::counter!(m::SOURCE_RECORDS, "topic" => tp.topic.to_string(), "partition" => tp.partition.to_string())
+                .increment(group.len() as u64);
+            for chunk in group.chunks(self.config.max_batch_records.max(1)) {
+                let first = chunk[0].offset();
+                let last = chunk[chunk.len() - 1].offset();
+                let Some(handle) = ledger.issue(first, last) else {
+                    tracing::debug!(source = %self.shared.name, %tp, first, "skipping redelivered offsets already handed out");
+                    continue;
+                };
+                let records = to_records(&tp, chunk, &mut self.interned);
+                let batch = Batch::from_handle(records, handle);
+                let mut stash = lock(&self.shared.stash);
+                if !stash.is_empty() {
+                    stash.push_back(batch);
+                } else if let Err(TrySendError::Full(batch)) | Err(TrySendError::Closed(batch)) =
+                    tx.try_send(batch)
+                {
+                    stash.push_back(batch);
+                }
+            }
+        }
+    }
+
+    fn watermark(&self, tp: &TopicPartition) -> Option<i64> {
+        let topic = CString::new(tp.topic.as_bytes()).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client pointer is valid while `self.consumer` lives; `topic` is a valid
+        // NUL-terminated string; librdkafka writes only to the two out-parameters. This reads
+        // the high watermark cached from fetch responses (no broker request).
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                tp.partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+            .then_some(high)
+    }
+
+    fn update_lag(&self) {
+        let ledgers = lock(&self.shared.ledgers).clone();
+        let committed = lock(&self.shared.committed).clone();
+        let drain = lock(&self.shared.drain).clone();
+        for (tp, ledger) in &ledgers {
+            let Some(high) = self.watermark(tp) else {
+                continue;
+            };
+            let pos = committed
+                .get(tp)
+                .copied()
+                .or(ledger.committable())
+                .or(drain.get(tp).and_then(|d| d.start))
+                .unwrap_or(0);
+            metrics::gauge!(m::CONSUMER_LAG, "topic" => tp.topic.to_string(), "partition" => tp.partition.to_string())
+                .set((high - pos).max(0) as f64);
+        }
+    }
+
+    /// Drain mode: whether every assigned partition is acknowledged up to the end offset it
+    /// had when first fetched. (The end comes from fetch responses, not ListOffsets.)
+    fn drained(&self) -> bool {
+        let ledgers = lock(&self.shared.ledgers).clone();
+        if ledgers.is_empty() {
+            return false;
+        }
+        let mut drain = lock(&self.shared.drain);
+        ledgers.iter().all(|(tp, ledger)| {
+            let target = drain.entry(tp.clone()).or_default();
+            if target.end.is_none() {
+                target.end = self.watermark(tp);
+            }
+            let Some(end) = target.end else { return false };
+            let pos = ledger.committable().or(target.start).unwrap_or(0);
+            ledger.outstanding() == 0 && pos >= end
+        })
+    }
+}
+
+fn intern(cache: &mut HashMap<String, Arc<str>>, s: &str) -> Arc<str> {
+    if let Some(v) = cache.get(s) {
+        return v.clone();
+    }
+    let v: Arc<str> = s.into();
+    cache.insert(s.to_owned(), v.clone());
+    v
+}
+
+/// Copies messages into owned records whose bytes share one buffer.
+fn to_records(
+    tp: &TopicPartition,
+    msgs: &[&BorrowedMessage<'_>],
+    interned: &mut HashMap<String, Arc<str>>,
+) -> Vec<KafkaRecord> {
+    let total: usize = msgs
+        .iter()
+        .map(|m| {
+            m.payload_len()
+                + m.key_len()
+                + m.headers().map_or(0, |h| {
+                    h.iter().map(|h| h.value.map_or(0, <[u8]>::len)).sum()
+                })
+        })
+        .sum();
+    let mut buf = BytesMut::with_capacity(total);
+    // Key, value and headers of each record as ranges into `buf`.
+    struct Spans {
+        key: Option<(usize, usize)>,
+        value: Option<(usize, usize)>,
+        headers: Vec<(Arc<str>, (usize, usize))>,
+    }
+    let mut spans: Vec<Spans> = Vec::with_capacity(msgs.len());
+    let put = |buf: &mut BytesMut, data: &[u8]| {
+        let start = buf.len();
+        buf.extend_from_slice(data);
+        (start, buf.len())
+    };
+    for m in msgs {
+        let key = m.key().map(|k| put(&mut buf, k));
+        let value = m.payload().map(|v| put(&mut buf, v));
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            intern(interned, h.key),
+                            put(&mut buf, h.value.unwrap_or_default()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        spans.push(Spans {
+            key,
+            value,
+            headers,
+        });
+    }
+    let buf = buf.freeze();
+    msgs.iter()
+        .zip(spans)
+        .map(
+            |(
+                m,
+                Spans {
+                    key,
+                    value,
+                    headers,
+                },
+            )| KafkaRecord {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis(),
+                key: key.map(|(a, b)| buf.slice(a..b)),
+                value: value.map(|(a, b)| buf.slice(a..b)),
+                headers: headers
+                    .into_iter()
+                    .map(|(k, (a, b))| (k, buf.slice(a..b)))
+                    .collect(),
+            },
+        )
+        .collect()
+}

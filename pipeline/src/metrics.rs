@@ -1,0 +1,34 @@
+//! Metric names the runtime records (through the `metrics` facade; the binary installs the
+//! Prometheus recorder that `/metrics` renders).
+
+/// Items received by a stage (label `stage`).
+pub const STAGE_ITEMS_IN: &str = "sluice_stage_items_in_total";
+/// Items emitted by a stage, or written by a sink (label `stage`).
+pub const STAGE_ITEMS_OUT: &str = "sluice_stage_items_out_total";
+/// Failed attempts of a stage: retried sink writes and fatal errors (label `stage`).
+pub const STAGE_ERRORS: &str = "sluice_stage_errors_total";
+/// Batches queued in front of a stage (label `stage`).
+pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
+/// Capacity of the queue in front of a stage, in batches (label `stage`).
+pub const QUEUE_CAPACITY: &str = "sluice_queue_capacity";
+/// Items per batch written by a sink or emitted by a batcher (label `stage`).
+pub const BATCH_SIZE: &str = "sluice_batch_size";
+/// Seconds a sink took to write a batch, retries included (label `stage`).
+pub const FLUSH_SECONDS: &str = "sluice_flush_seconds";
+/// Records fetched from Kafka (labels `topic`, `partition`).
+pub const SOURCE_RECORDS: &str = "sluice_source_records_total";
+/// Last committed offset (labels `topic`, `partition`).
+pub const COMMITTED_OFFSET: &str = "sluice_committed_offset";
+/// High watermark minus committed offset (labels `topic`, `partition`).
+pub const CONSUMER_LAG: &str = "sluice_consumer_lag";
+/// Whether the source has paused fetching because its output queue is full (0 or 1).
+pub const SOURCE_PAUSED: &str = "sluice_source_paused";
+
+/// Histogram buckets for [`FLUSH_SECONDS`].
+pub const FLUSH_SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Histogram buckets for [`BATCH_SIZE`].
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0,
+];
