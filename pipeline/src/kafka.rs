@@ -122,7 +122,8 @@ impl KafkaSourceConfig {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             // Bound what librdkafka pre-fetches (part of the documented memory bound).
-            .set("queued.max.messages.kbytes", "16384")
+            .set("queued.max.messages.kbytes", "8192")
+            .set("queued.min.messages", "20000")
             .set("fetch.max.bytes", "8388608")
             .set("receive.message.max.bytes", "9437184");
         for (k, v) in &self.client {
@@ -435,7 +436,13 @@ impl Worker {
             }
             self.push_stash(&tx);
             let backlogged = !lock(&self.shared.stash).is_empty();
-            self.set_paused(backlogged);
+            // Resume only once the queue is at least half empty, so that a steadily slow sink
+            // does not make the consumer pause and resume (and refetch) for every batch.
+            if backlogged {
+                self.set_paused(true);
+            } else if self.paused && tx.capacity() * 2 >= tx.max_capacity() {
+                self.set_paused(false);
+            }
             if backlogged {
                 // Wait briefly for room downstream, then poll without blocking so that
                 // librdkafka keeps serving the group while we are paused.

@@ -42,8 +42,8 @@ pub trait AsyncOperator: Send + 'static {
 /// [`SinkError::permanent`] ones. `write` must therefore be safe to call again with the same
 /// batch (idempotent, e.g. through a deduplication token derived from [`Batch::acks`]).
 pub trait Sink: Send + 'static {
-    /// Item type written.
-    type Item: Send + 'static;
+    /// Item type written (`Sync` because a retried write borrows the batch across awaits).
+    type Item: Send + Sync + 'static;
 
     /// Writes the batch; returns once it is durable.
     fn write(

@@ -231,38 +231,68 @@ where
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut flush_open = true;
 
+    enum Event<T> {
+        Flush,
+        Input(Batch<T>),
+        End,
+    }
     loop {
-        let flush_now = tokio::select! {
+        let event = tokio::select! {
             biased;
             changed = flush.changed(), if flush_open => {
                 flush_open = changed.is_ok();
-                flush_open && !items.is_empty()
+                Event::Flush
             }
-            _ = sleep_until_opt(deadline), if deadline.is_some() => true,
-            next = input.recv() => {
-                let Some(batch) = next else { break };
+            _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Flush,
+            next = input.recv() => next.map_or(Event::End, Event::Input),
+        };
+        match event {
+            Event::End => break,
+            Event::Flush => {
+                if !items.is_empty() {
+                    deadline = None;
+                    bytes = 0;
+                    emit_batch(
+                        &out,
+                        std::mem::take(&mut items),
+                        std::mem::take(&mut acks),
+                        &c,
+                        &sizes,
+                    )
+                    .await?;
+                }
+            }
+            Event::Input(batch) => {
                 c.items_in.increment(batch.len() as u64);
                 let (new_items, new_acks) = batch.into_parts();
-                if items.is_empty() && !new_items.is_empty() {
-                    deadline = Some(tokio::time::Instant::now() + limits.max_linger);
+                let mut rest = new_items.into_iter().peekable();
+                // Split the input where a limit is reached, so no output batch exceeds
+                // `max_rows`; each part holds a share of the input's acknowledgements.
+                while rest.peek().is_some() {
+                    if items.is_empty() {
+                        deadline = Some(tokio::time::Instant::now() + limits.max_linger);
+                    }
+                    while items.len() < limits.max_rows && bytes < limits.max_bytes {
+                        let Some(item) = rest.next() else { break };
+                        bytes += size_of(&item);
+                        items.push(item);
+                    }
+                    acks.merge(new_acks.share());
+                    if items.len() >= limits.max_rows || bytes >= limits.max_bytes {
+                        deadline = None;
+                        bytes = 0;
+                        emit_batch(
+                            &out,
+                            std::mem::take(&mut items),
+                            std::mem::take(&mut acks),
+                            &c,
+                            &sizes,
+                        )
+                        .await?;
+                    }
                 }
-                bytes += new_items.iter().map(&size_of).sum::<usize>();
-                items.extend(new_items);
-                acks.merge(new_acks);
-                items.len() >= limits.max_rows || bytes >= limits.max_bytes
+                new_acks.release();
             }
-        };
-        if flush_now {
-            deadline = None;
-            bytes = 0;
-            emit_batch(
-                &out,
-                std::mem::take(&mut items),
-                std::mem::take(&mut acks),
-                &c,
-                &sizes,
-            )
-            .await?;
         }
     }
     emit_batch(&out, items, acks, &c, &sizes).await

@@ -1,0 +1,200 @@
+//! Helpers shared by Sluice's integration tests: where the local services are, unique names,
+//! topics, fast producers, committed offsets and a sink that collects what it is given.
+//! Everything here talks to the real services started by `scripts/services.sh`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_pipeline::{Batch, Sink, SinkError};
+
+/// Kafka bootstrap servers (`KAFKA_BROKERS`, default the local broker).
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A name no other test run uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Creates a topic with `partitions` partitions.
+pub async fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create_topics request");
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// Produces `n` records to `topic`, record `i` with key `k{i}`, value `value(i)` and the
+/// header `idx` = `i`, spread round-robin over `partitions`. Returns once all are acknowledged.
+pub fn produce(topic: &str, partitions: i32, n: usize, value: impl Fn(usize) -> Vec<u8>) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.kbytes", "65536")
+        .create()
+        .expect("producer");
+    for i in 0..n {
+        let key = format!("k{i}");
+        let payload = value(i);
+        let idx = i.to_string();
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "idx",
+            value: Some(idx.as_bytes()),
+        });
+        let mut record = BaseRecord::to(topic)
+            .key(&key)
+            .payload(&payload)
+            .partition((i % partitions as usize) as i32)
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => panic!("produce record {i}: {e}"),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .expect("flush producer");
+}
+
+/// The offsets `group` has committed on `topic`, per partition (partitions without a
+/// committed offset are left out).
+pub fn committed_offsets(group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Where a test item came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// A sink that keeps every item it is given, in memory, for the test to inspect.
+#[derive(Clone)]
+pub struct CollectSink<T> {
+    items: Arc<Mutex<Vec<T>>>,
+    delay: Duration,
+}
+
+impl<T> Default for CollectSink<T> {
+    fn default() -> Self {
+        Self {
+            items: Arc::new(Mutex::new(Vec::new())),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+impl<T: Clone> CollectSink<T> {
+    /// A sink that collects at once.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A sink that waits `delay` per batch (a slow database).
+    pub fn slow(delay: Duration) -> Self {
+        Self {
+            delay,
+            ..Self::default()
+        }
+    }
+
+    /// Everything written so far.
+    pub fn items(&self) -> Vec<T> {
+        self.items.lock().expect("collect sink lock").clone()
+    }
+
+    /// How many items were written so far.
+    pub fn len(&self) -> usize {
+        self.items.lock().expect("collect sink lock").len()
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Sink for CollectSink<T> {
+    type Item = T;
+
+    async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.items
+            .lock()
+            .expect("collect sink lock")
+            .extend(batch.items.iter().cloned());
+        Ok(())
+    }
+}
+
+/// Waits until `cond` holds, polling every 20 ms; panics with `what` after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Resident set size of this process, in bytes (Linux).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
