@@ -1,0 +1,336 @@
+//! The graph runtime without a broker: batching limits, acknowledgements through operators and
+//! sinks, sink retries and failures, rate limiting, and the HTTP endpoints.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_pipeline::ack::PartitionLedger;
+use sluice_pipeline::{
+    Batch, BatchLimits, BatchSource, Pipeline, PipelineConfig, PipelineError, RetryPolicy, Sink,
+    SinkError, Stage, TopicPartition,
+};
+
+/// Batches of `per_batch` consecutive numbers, each carrying the ledger range of its offsets.
+fn numbered(ledger: &Arc<PartitionLedger>, batches: usize, per_batch: usize) -> Vec<Batch<u64>> {
+    (0..batches)
+        .map(|b| {
+            let first = (b * per_batch) as i64;
+            let last = first + per_batch as i64 - 1;
+            let items = (first..=last).map(|i| i as u64).collect();
+            Batch::from_handle(items, ledger.issue(first, last).expect("in order"))
+        })
+        .collect()
+}
+
+fn ledger() -> Arc<PartitionLedger> {
+    PartitionLedger::new(TopicPartition::new("t", 0))
+}
+
+/// Records every batch; fails as `fail` says for a given attempt number and batch.
+#[derive(Clone, Default)]
+struct ScriptedSink {
+    batches: Arc<Mutex<Vec<Vec<u64>>>>,
+    attempts: Arc<AtomicU32>,
+    fail: Option<fn(u32, &[u64]) -> Option<SinkError>>,
+}
+
+impl ScriptedSink {
+    fn failing(fail: fn(u32, &[u64]) -> Option<SinkError>) -> Self {
+        Self {
+            fail: Some(fail),
+            ..Self::default()
+        }
+    }
+
+    fn batches(&self) -> Vec<Vec<u64>> {
+        self.batches.lock().unwrap().clone()
+    }
+
+    fn items(&self) -> Vec<u64> {
+        self.batches().concat()
+    }
+}
+
+impl Sink for ScriptedSink {
+    type Item = u64;
+
+    async fn write(&mut self, batch: &Batch<u64>) -> Result<(), SinkError> {
+        let attempt = self.attempts.fetch_add(1, Ordering::SeqCst);
+        if let Some(err) = self.fail.and_then(|f| f(attempt, &batch.items)) {
+            return Err(err);
+        }
+        self.batches.lock().unwrap().push(batch.items.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn batcher_never_exceeds_max_rows_and_acknowledges_everything() {
+    let l = ledger();
+    let sink = ScriptedSink::default();
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let s = sink.clone();
+    pipeline
+        .source("src", BatchSource::new(numbered(&l, 3, 7)))
+        .batch(
+            "batch",
+            BatchLimits {
+                max_rows: 5,
+                max_bytes: usize::MAX,
+                max_linger: Duration::from_secs(60),
+            },
+            |_| 1,
+        )
+        .sink("sink", move || s.clone());
+    pipeline.run().await.expect("run");
+    let sizes: Vec<usize> = sink.batches().iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![5, 5, 5, 5, 1]);
+    assert_eq!(sink.items(), (0..21).collect::<Vec<_>>());
+    assert_eq!(l.committable(), Some(21));
+    assert_eq!(l.outstanding(), 0);
+}
+
+#[tokio::test]
+async fn batcher_flushes_on_bytes() {
+    let l = ledger();
+    let sink = ScriptedSink::default();
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let s = sink.clone();
+    let batches = numbered(&l, 1, 10);
+    pipeline
+        .source("src", BatchSource::new(batches))
+        .batch(
+            "batch",
+            BatchLimits {
+                max_rows: 1000,
+                max_bytes: 40,
+                max_linger: Duration::from_millis(20),
+            },
+            |_| 8,
+        )
+        .sink("sink", move || s.clone());
+    pipeline.run().await.expect("run");
+    let sizes: Vec<usize> = sink.batches().iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![5, 5], "40 bytes at 8 bytes an item");
+    assert_eq!(l.committable(), Some(10));
+}
+
+/// Sends its batches, then stays open (as a quiet topic does) until shutdown.
+struct QuietAfter(Vec<Batch<u64>>);
+
+impl sluice_pipeline::Source for QuietAfter {
+    type Item = u64;
+
+    async fn run(
+        self,
+        out: sluice_pipeline::Output<u64>,
+        ctx: sluice_pipeline::SourceContext,
+    ) -> Result<(), PipelineError> {
+        for b in self.0 {
+            out.send(b).await?;
+        }
+        ctx.shutdown.wait().await;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn batcher_flushes_after_linger_while_the_source_is_quiet() {
+    let l = ledger();
+    let sink = ScriptedSink::default();
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let handle = pipeline.handle();
+    let s = sink.clone();
+    pipeline
+        .source("src", QuietAfter(numbered(&l, 1, 3)))
+        .batch(
+            "batch",
+            BatchLimits {
+                max_rows: 1000,
+                max_bytes: usize::MAX,
+                max_linger: Duration::from_millis(30),
+            },
+            |_| 1,
+        )
+        .sink("sink", move || s.clone());
+    let run = tokio::spawn(pipeline.run());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while l.committable() != Some(3) {
+        assert!(Instant::now() < deadline, "linger did not flush");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(sink.batches(), vec![vec![0, 1, 2]]);
+    handle.shutdown();
+    run.await.expect("join").expect("run");
+}
+
+#[tokio::test]
+async fn items_filtered_away_are_acknowledged_at_once() {
+    let l = ledger();
+    let sink = ScriptedSink::default();
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let s = sink.clone();
+    pipeline
+        .source("src", BatchSource::new(numbered(&l, 4, 10)))
+        .filter("only-first-batch", |i: &u64| *i < 10)
+        .flat_map("twice", |i: u64| [i, i + 1000])
+        .sink("sink", move || s.clone());
+    pipeline.run().await.expect("run");
+    assert_eq!(sink.items().len(), 20);
+    assert_eq!(
+        l.committable(),
+        Some(40),
+        "batches that yield nothing are acknowledged too"
+    );
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_until_written() {
+    let l = ledger();
+    let sink = ScriptedSink::failing(|attempt, _| {
+        (attempt < 3).then(|| SinkError::transient("connection refused"))
+    });
+    let retry = RetryPolicy {
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        max_retries: None,
+    };
+    let pipeline = Pipeline::new(PipelineConfig {
+        retry,
+        ..Default::default()
+    });
+    let s = sink.clone();
+    pipeline
+        .source("src", BatchSource::new(numbered(&l, 2, 5)))
+        .sink("sink", move || s.clone());
+    pipeline.run().await.expect("run");
+    assert_eq!(
+        sink.items(),
+        (0..10).collect::<Vec<_>>(),
+        "each item written once"
+    );
+    assert_eq!(
+        sink.attempts.load(Ordering::SeqCst),
+        5,
+        "3 failed attempts, then 2 writes"
+    );
+    assert_eq!(l.committable(), Some(10));
+}
+
+#[tokio::test]
+async fn permanent_failure_stops_the_pipeline_without_acknowledging_unwritten_data() {
+    let l = ledger();
+    let sink = ScriptedSink::failing(|_, items| {
+        items
+            .contains(&12)
+            .then(|| SinkError::permanent("type mismatch"))
+    });
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let s = sink.clone();
+    pipeline
+        .source("src", BatchSource::new(numbered(&l, 5, 5)))
+        .sink("sink", move || s.clone());
+    let err = pipeline.run().await.expect_err("must fail");
+    assert!(
+        matches!(err, PipelineError::Sink { ref stage, attempts: 1, .. } if &**stage == "sink"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("type mismatch"), "{err}");
+    assert_eq!(sink.items(), (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        l.committable(),
+        Some(10),
+        "never past the batch that was not written"
+    );
+}
+
+#[tokio::test]
+async fn retry_limit_turns_a_long_outage_into_an_error() {
+    let l = ledger();
+    let sink = ScriptedSink::failing(|_, _| Some(SinkError::transient("timeout")));
+    let retry = RetryPolicy {
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(2),
+        max_retries: Some(2),
+    };
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let s = sink.clone();
+    pipeline
+        .source("src", BatchSource::new(numbered(&l, 1, 5)))
+        .sink(Stage::new("sink").retry(retry), move || s.clone());
+    let err = pipeline.run().await.expect_err("must fail");
+    assert!(
+        matches!(err, PipelineError::Sink { attempts: 3, .. }),
+        "{err}"
+    );
+    assert_eq!(l.committable(), None);
+}
+
+#[tokio::test]
+async fn rate_limit_spaces_items_out() {
+    let l = ledger();
+    let sink = ScriptedSink::default();
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let s = sink.clone();
+    pipeline
+        .source("src", BatchSource::new(numbered(&l, 6, 100)))
+        .rate_limit("limit", std::num::NonZeroU32::new(200).expect("non-zero"))
+        .sink("sink", move || s.clone());
+    let started = Instant::now();
+    pipeline.run().await.expect("run");
+    // 600 items at 200/s with a burst of 200: at least two seconds' worth after the burst.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "took only {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sink.items().len(), 600);
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).await.expect("read");
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn health_and_readiness_endpoints() {
+    let health = sluice_pipeline::Health::new();
+    let (addr, server) =
+        sluice_pipeline::http::serve("127.0.0.1:0".parse().expect("addr"), health.clone(), None)
+            .await
+            .expect("serve");
+    assert_eq!(http_get(addr, "/health").await.0, 200);
+    let (status, body) = http_get(addr, "/ready").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("no partitions assigned"), "{body}");
+    health.set_assigned(true);
+    assert_eq!(http_get(addr, "/ready").await.0, 200);
+    health.set_failing("clickhouse", true);
+    let (status, body) = http_get(addr, "/ready").await;
+    assert_eq!(
+        (status, body.contains("clickhouse failing")),
+        (503, true),
+        "{body}"
+    );
+    assert_eq!(http_get(addr, "/metrics").await.0, 200);
+    server.abort();
+}
