@@ -27,16 +27,19 @@ fn ledger() -> Arc<PartitionLedger> {
     PartitionLedger::new(TopicPartition::new("t", 0))
 }
 
+/// Decides whether attempt `n` at writing `items` fails.
+type FailScript = fn(u32, &[u64]) -> Option<SinkError>;
+
 /// Records every batch; fails as `fail` says for a given attempt number and batch.
 #[derive(Clone, Default)]
 struct ScriptedSink {
     batches: Arc<Mutex<Vec<Vec<u64>>>>,
     attempts: Arc<AtomicU32>,
-    fail: Option<fn(u32, &[u64]) -> Option<SinkError>>,
+    fail: Option<FailScript>,
 }
 
 impl ScriptedSink {
-    fn failing(fail: fn(u32, &[u64]) -> Option<SinkError>) -> Self {
+    fn failing(fail: FailScript) -> Self {
         Self {
             fail: Some(fail),
             ..Self::default()
