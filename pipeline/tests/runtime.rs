@@ -26,6 +26,11 @@ fn init_logs() {
 fn source(group: &str, topic: &str, drain: bool) -> KafkaSource {
     let mut cfg = KafkaSourceConfig::new(sluice_testkit::brokers(), group, vec![topic.to_owned()]);
     cfg.drain = drain;
+    // Tansu lets a group form after half the session timeout; keep joins short in tests.
+    cfg.client
+        .insert("session.timeout.ms".into(), "6000".into());
+    cfg.client
+        .insert("heartbeat.interval.ms".into(), "1000".into());
     cfg.commit_interval = Duration::from_millis(200);
     KafkaSource::new(cfg)
 }
