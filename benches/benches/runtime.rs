@@ -9,7 +9,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 const BATCHES: usize = 200;
 
 fn queue_hops(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     for per_batch in [100usize, 1_000] {
         let mut group = c.benchmark_group(format!("queue_hop/batch_{per_batch}"));
         group.throughput(Throughput::Elements((BATCHES * per_batch) as u64));

@@ -12,7 +12,8 @@ impl Sink for CountSink {
     type Item = u64;
 
     async fn write(&mut self, batch: &Batch<u64>) -> Result<(), SinkError> {
-        self.0.fetch_add(batch.items.len() as u64, Ordering::Relaxed);
+        self.0
+            .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }

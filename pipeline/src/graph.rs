@@ -184,7 +184,7 @@ impl Graph {
             });
     }
 
-    /// A bounded queue whose depth is reported under `stage`'s name (the stage it feeds).
+    /// A bounded queue whose depth is reported under `stage`'s name (the stage that fills it).
     fn queue<T: Send + 'static>(
         &self,
         stage: &Stage,
@@ -235,7 +235,7 @@ impl PipelineHandle {
         self.graph.health.clone()
     }
 
-    /// Current depth and capacity of every queue, in batches, named after the stage after it.
+    /// Current depth and capacity of every queue, in batches, named after the stage that fills it.
     /// Queues whose stages have finished are left out.
     pub fn queue_depths(&self) -> Vec<(Arc<str>, usize, usize)> {
         let probes = self.graph.probes.lock().unwrap_or_else(|p| p.into_inner());

@@ -217,7 +217,9 @@ struct Shared {
     ledgers: Mutex<HashMap<TopicPartition, Arc<PartitionLedger>>>,
     /// Batches polled but not yet accepted by the full output queue.
     stash: Mutex<VecDeque<Batch<KafkaRecord>>>,
-    /// Last offset the broker confirmed as committed, per partition.
+    /// Last offset committed per partition: confirmed for synchronous commits, requested for
+    /// asynchronous ones (a failure reported by the commit callback removes the entry, so the
+    /// next interval commits it again).
     committed: Mutex<HashMap<TopicPartition, i64>>,
     /// Drain mode: per assigned partition, where it started and the end offset to reach.
     drain: Mutex<HashMap<TopicPartition, DrainTarget>>,
@@ -276,8 +278,7 @@ impl Shared {
             return;
         }
         match consumer.commit(&tpl, mode) {
-            Ok(()) if matches!(mode, CommitMode::Sync) => self.record_committed(&positions),
-            Ok(()) => {}
+            Ok(()) => self.record_committed(&positions),
             Err(e) => {
                 tracing::warn!(source = %self.name, error = %e, "offset commit failed; will retry")
             }
@@ -387,20 +388,19 @@ impl ConsumerContext for SourceCallbacks {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            tracing::warn!(source = %self.shared.name, error = %e, "asynchronous offset commit failed; will retry");
-            return;
-        }
-        let positions: Vec<_> = offsets
+        let failed: Vec<TopicPartition> = offsets
             .elements()
             .iter()
-            .filter(|e| e.error().is_ok())
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((TopicPartition::new(e.topic(), e.partition()), o)),
-                _ => None,
-            })
+            .filter(|e| result.is_err() || e.error().is_err())
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
             .collect();
-        self.shared.record_committed(&positions);
+        if !failed.is_empty() {
+            tracing::warn!(source = %self.shared.name, error = ?result.err(), partitions = failed.len(), "asynchronous offset commit failed; will retry");
+            let mut committed = lock(&self.shared.committed);
+            for tp in &failed {
+                committed.remove(tp);
+            }
+        }
     }
 }
 

@@ -7,9 +7,9 @@ pub const STAGE_ITEMS_IN: &str = "sluice_stage_items_in_total";
 pub const STAGE_ITEMS_OUT: &str = "sluice_stage_items_out_total";
 /// Failed attempts of a stage: retried sink writes and fatal errors (label `stage`).
 pub const STAGE_ERRORS: &str = "sluice_stage_errors_total";
-/// Batches queued in front of a stage (label `stage`).
+/// Batches in the queue a stage fills (label `stage`: the stage writing into it).
 pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
-/// Capacity of the queue in front of a stage, in batches (label `stage`).
+/// Capacity, in batches, of the queue a stage fills (label `stage`).
 pub const QUEUE_CAPACITY: &str = "sluice_queue_capacity";
 /// Items per batch written by a sink or emitted by a batcher (label `stage`).
 pub const BATCH_SIZE: &str = "sluice_batch_size";

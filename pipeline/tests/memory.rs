@@ -21,6 +21,11 @@ async fn slow_sink_keeps_queues_and_memory_bounded() {
     create_topic(&topic, P).await;
     let pad = "x".repeat(90);
     produce(&topic, P, N, |i| format!("{i:08}{pad}").into_bytes());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let prometheus = sluice_pipeline::http::install_prometheus().expect("recorder");
     let baseline = sluice_testkit::rss_bytes();
 
     let sink = CollectSink::slow(Duration::from_millis(250));
@@ -52,6 +57,13 @@ async fn slow_sink_keeps_queues_and_memory_bounded() {
             |_| 16,
         )
         .sink("slow-sink", move || s.clone());
+    let (http_addr, server) = sluice_pipeline::http::serve(
+        "127.0.0.1:0".parse().expect("addr"),
+        handle.health(),
+        Some(prometheus),
+    )
+    .await
+    .expect("serve");
     let run = tokio::spawn(pipeline.run());
 
     let started = Instant::now();
@@ -78,8 +90,27 @@ async fn slow_sink_keeps_queues_and_memory_bounded() {
         "still a group member with partitions after 15 s: {:?}",
         handle.health().not_ready_reasons()
     );
+    let metrics = http_get(http_addr, "/metrics").await;
     handle.shutdown();
     run.await.expect("join").expect("pipeline ok");
+    for line in [
+        "sluice_queue_depth{stage=\"origin\"} 4",
+        "sluice_queue_capacity{stage=\"batch\"} 4",
+        "sluice_source_paused ",
+        "sluice_stage_items_in_total{stage=\"slow-sink\"}",
+        "sluice_stage_items_out_total{stage=\"batch\"}",
+        "sluice_flush_seconds_bucket{stage=\"slow-sink\",le=\"0.5\"}",
+        "sluice_batch_size_count{stage=\"slow-sink\"}",
+        "sluice_committed_offset{topic=",
+        "sluice_consumer_lag{topic=",
+        "sluice_source_records_total{topic=",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "/metrics lacks {line:?}:\n{metrics}"
+        );
+    }
+    server.abort();
 
     let written = sink.len();
     // The sink takes at most 5,000 records per 250 ms: 300,000 in 15 s.
@@ -118,4 +149,18 @@ async fn slow_sink_keeps_queues_and_memory_bounded() {
             "partition {p}"
         );
     }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut buf = String::new();
+    stream.read_to_string(&mut buf).await.expect("read");
+    buf
 }
