@@ -1,0 +1,695 @@
+//! The worker's configuration: a TOML file, then the environment variables the Go worker used
+//! (so that Sluice drops in where it ran), then validation that names the offending key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration error, naming the key (or environment variable) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has wrong keys or types.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (it names the key).
+        message: String,
+    },
+    /// A value is missing or invalid.
+    #[error("invalid configuration `{key}`: {message}")]
+    Invalid {
+        /// The key or environment variable.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A value never shown in logs, metrics or `validate` output.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Kafka source (and dead-letter producer).
+    pub kafka: KafkaConfig,
+    /// ClickHouse sink.
+    pub clickhouse: ClickHouseConfig,
+    /// PostgreSQL reducer (on when `url` is set).
+    pub postgres: PostgresConfig,
+    /// Runtime settings.
+    pub pipeline: PipelineSettings,
+    /// HTTP endpoints.
+    pub health: HealthConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[kafka]`: Sluice's own keys; every other key is a librdkafka property, passed verbatim
+/// (`"security.protocol" = "SASL_SSL"`, `"sasl.password" = "…"`, `"fetch.max.bytes" = 1048576`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
+pub struct KafkaConfig {
+    /// `KAFKA_BROKERS`: comma-separated bootstrap servers.
+    pub brokers: String,
+    /// `KAFKA_GROUP_ID`.
+    pub group_id: String,
+    /// `KAFKA_TOPICS`.
+    pub topics: Vec<String>,
+    /// `KAFKA_CLIENT_ID`.
+    pub client_id: String,
+    /// Dead-letter topic; default `<first topic>.dlq`.
+    pub dlq_topic: Option<String>,
+    /// How often acknowledged offsets are committed, milliseconds.
+    pub commit_interval_ms: u64,
+    /// librdkafka properties.
+    #[serde(flatten)]
+    pub options: BTreeMap<String, toml::Value>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "periscope-ingest".into(),
+            topics: vec!["analytics_events".into()],
+            client_id: "sluice".into(),
+            dlq_topic: None,
+            commit_interval_ms: 1000,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// librdkafka properties as strings (TOML numbers and booleans are accepted).
+    pub fn librdkafka_options(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        self.options
+            .iter()
+            .map(|(k, v)| {
+                let s = match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    _ => {
+                        return Err(invalid(
+                            &format!("kafka.{k}"),
+                            "librdkafka properties must be strings, numbers or booleans",
+                        ));
+                    }
+                };
+                Ok((k.clone(), s))
+            })
+            .collect()
+    }
+
+    /// The dead-letter topic.
+    pub fn dlq_topic(&self) -> String {
+        self.dlq_topic.clone().unwrap_or_else(|| {
+            format!(
+                "{}.dlq",
+                self.topics.first().map_or("sluice", String::as_str)
+            )
+        })
+    }
+}
+
+/// `[clickhouse]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// `CLICKHOUSE_HOST`: `host`, `host:port` or an `http(s)://` URL (HTTP, default port 8123).
+    pub host: String,
+    /// `CLICKHOUSE_DB`.
+    pub database: String,
+    /// `CLICKHOUSE_USER`.
+    pub user: String,
+    /// `CLICKHOUSE_PASSWORD`.
+    pub password: Secret,
+    /// CA certificate file for `https://` with a private CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1:8123".into(),
+            database: "frameworks".into(),
+            user: "default".into(),
+            password: Secret::default(),
+            ca_file: None,
+        }
+    }
+}
+
+impl ClickHouseConfig {
+    /// The HTTP(S) URL of the server. Port 9000 (the native protocol, which the Go worker
+    /// used) is refused with an explanation.
+    pub fn url(&self) -> Result<String, ConfigError> {
+        let raw = self.host.trim();
+        if raw.is_empty() {
+            return Err(invalid("clickhouse.host", "is empty"));
+        }
+        let (scheme, rest) = match raw.split_once("://") {
+            Some((s @ ("http" | "https"), rest)) => (s, rest),
+            Some((s, _)) => {
+                return Err(invalid(
+                    "clickhouse.host",
+                    format!("scheme `{s}` is not supported: use http:// or https://"),
+                ));
+            }
+            None => ("http", raw),
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                let port: u16 = p.parse().map_err(|_| {
+                    invalid("clickhouse.host", format!("`{p}` is not a port number"))
+                })?;
+                (h, port)
+            }
+            _ => (authority, if scheme == "https" { 8443 } else { 8123 }),
+        };
+        if host.is_empty() {
+            return Err(invalid("clickhouse.host", format!("`{raw}` has no host")));
+        }
+        if port == 9000 || port == 9440 {
+            return Err(invalid(
+                "clickhouse.host",
+                format!(
+                    "port {port} is ClickHouse's native TCP protocol; Sluice talks HTTP: use port 8123 (or 8443 for https)"
+                ),
+            ));
+        }
+        Ok(format!("{scheme}://{host}:{port}"))
+    }
+}
+
+/// `[postgres]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `DATABASE_URL`; the reducer runs only when it is set.
+    pub url: Option<Secret>,
+}
+
+/// `[pipeline]`: batching, concurrency, queues, retries, shutdown.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Batches per queue between stages.
+    pub queue_capacity: usize,
+    /// Rows per ClickHouse insert at most.
+    pub batch_max_rows: usize,
+    /// Bytes per ClickHouse insert at most.
+    pub batch_max_bytes: usize,
+    /// How long a batch may wait to fill, milliseconds.
+    pub batch_linger_ms: u64,
+    /// Concurrent inserts per table.
+    pub insert_concurrency: usize,
+    /// Retries of a failing write before the worker gives up; unset: retry without limit.
+    pub max_retries: Option<u32>,
+    /// Longest wait between retries, milliseconds.
+    pub max_backoff_ms: u64,
+    /// How long a graceful shutdown may take, seconds.
+    pub drain_deadline_secs: u64,
+    /// Cluster id written to `usage_records`.
+    pub cluster_id: String,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 8,
+            batch_max_rows: 50_000,
+            batch_max_bytes: 16 << 20,
+            batch_linger_ms: 500,
+            insert_concurrency: 2,
+            max_retries: None,
+            max_backoff_ms: 10_000,
+            drain_deadline_secs: 30,
+            cluster_id: "default".into(),
+        }
+    }
+}
+
+/// `[health]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `ENABLE_HEALTH_ENDPOINT`.
+    pub enabled: bool,
+    /// `HEALTH_PORT`.
+    pub port: u16,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            port: 18005,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `LOG_LEVEL`: a level (`info`) or a filter (`info,sluice_pipeline=debug`).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Reads `path` (if given), applies the environment, validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.into(),
+                    message: e.to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Overrides from the FrameWorks environment variables.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let list = |v: String| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        if let Some(v) = env("KAFKA_BROKERS") {
+            self.kafka.brokers = list(v).join(",");
+        }
+        if let Some(v) = env("KAFKA_GROUP_ID") {
+            self.kafka.group_id = v;
+        }
+        if let Some(v) = env("KAFKA_TOPICS") {
+            self.kafka.topics = list(v);
+        }
+        if let Some(v) = env("KAFKA_CLIENT_ID") {
+            self.kafka.client_id = v;
+        }
+        if let Some(v) = env("CLICKHOUSE_HOST") {
+            self.clickhouse.host = v;
+        }
+        if let Some(v) = env("CLICKHOUSE_DB") {
+            self.clickhouse.database = v;
+        }
+        if let Some(v) = env("CLICKHOUSE_USER") {
+            self.clickhouse.user = v;
+        }
+        if let Some(v) = env("CLICKHOUSE_PASSWORD") {
+            self.clickhouse.password = Secret(v);
+        }
+        if let Some(v) = env("DATABASE_URL") {
+            self.postgres.url = (!v.trim().is_empty()).then_some(Secret(v));
+        }
+        if let Some(v) = env("LOG_LEVEL") {
+            self.log.level = v;
+        }
+        if let Some(v) = env("ENABLE_HEALTH_ENDPOINT") {
+            self.health.enabled = parse_bool(&v).ok_or_else(|| {
+                invalid(
+                    "ENABLE_HEALTH_ENDPOINT",
+                    format!("expected true or false, got `{v}`"),
+                )
+            })?;
+        }
+        if let Some(v) = env("HEALTH_PORT") {
+            self.health.port = v.trim().parse().map_err(|_| {
+                invalid("HEALTH_PORT", format!("expected a port number, got `{v}`"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks every value, naming the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers (KAFKA_BROKERS)", "is empty"));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id (KAFKA_GROUP_ID)", "is empty"));
+        }
+        if self.kafka.topics.is_empty() {
+            return Err(invalid("kafka.topics (KAFKA_TOPICS)", "names no topic"));
+        }
+        if self.kafka.topics.contains(&self.kafka.dlq_topic()) {
+            return Err(invalid(
+                "kafka.dlq_topic",
+                "must differ from the topics consumed",
+            ));
+        }
+        self.kafka.librdkafka_options()?;
+        self.clickhouse.url().map_err(|e| match e {
+            ConfigError::Invalid { message, .. } => {
+                invalid("clickhouse.host (CLICKHOUSE_HOST)", message)
+            }
+            other => other,
+        })?;
+        if self.clickhouse.database.trim().is_empty() {
+            return Err(invalid("clickhouse.database (CLICKHOUSE_DB)", "is empty"));
+        }
+        if let Some(url) = &self.postgres.url
+            && !(url.expose().starts_with("postgres://")
+                || url.expose().starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "postgres.url (DATABASE_URL)",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        let p = &self.pipeline;
+        for (key, v) in [
+            ("pipeline.queue_capacity", p.queue_capacity),
+            ("pipeline.batch_max_rows", p.batch_max_rows),
+            ("pipeline.batch_max_bytes", p.batch_max_bytes),
+            ("pipeline.insert_concurrency", p.insert_concurrency),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.health.enabled && self.health.port == 0 {
+            return Err(invalid("health.port (HEALTH_PORT)", "must not be 0"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            invalid(
+                "log.level (LOG_LEVEL)",
+                format!("`{}` is not a level or filter: {e}", self.log.level),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The effective settings as TOML, with every secret replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let mut out = String::new();
+        let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+        line("kafka.brokers", quote(&self.kafka.brokers));
+        line("kafka.group_id", quote(&self.kafka.group_id));
+        line("kafka.topics", format!("{:?}", self.kafka.topics));
+        line("kafka.client_id", quote(&self.kafka.client_id));
+        line("kafka.dlq_topic", quote(&self.kafka.dlq_topic()));
+        line(
+            "kafka.commit_interval_ms",
+            self.kafka.commit_interval_ms.to_string(),
+        );
+        for (k, v) in self.kafka.librdkafka_options().unwrap_or_default() {
+            let shown = if is_secret_key(&k) {
+                "***".to_owned()
+            } else {
+                v
+            };
+            line(&format!("kafka.\"{k}\""), quote(&shown));
+        }
+        line(
+            "clickhouse.url",
+            quote(&self.clickhouse.url().unwrap_or_else(|e| e.to_string())),
+        );
+        line("clickhouse.database", quote(&self.clickhouse.database));
+        line("clickhouse.user", quote(&self.clickhouse.user));
+        line(
+            "clickhouse.password",
+            quote(if self.clickhouse.password.expose().is_empty() {
+                ""
+            } else {
+                "***"
+            }),
+        );
+        if let Some(ca) = &self.clickhouse.ca_file {
+            line("clickhouse.ca_file", quote(&ca.display().to_string()));
+        }
+        line(
+            "postgres.url",
+            self.postgres
+                .url
+                .as_ref()
+                .map_or("\"\" # reducer off".to_owned(), |u| {
+                    quote(&redact_url(u.expose()))
+                }),
+        );
+        let p = &self.pipeline;
+        line("pipeline.queue_capacity", p.queue_capacity.to_string());
+        line("pipeline.batch_max_rows", p.batch_max_rows.to_string());
+        line("pipeline.batch_max_bytes", p.batch_max_bytes.to_string());
+        line("pipeline.batch_linger_ms", p.batch_linger_ms.to_string());
+        line(
+            "pipeline.insert_concurrency",
+            p.insert_concurrency.to_string(),
+        );
+        line(
+            "pipeline.max_retries",
+            p.max_retries
+                .map_or("\"unlimited\"".to_owned(), |r| r.to_string()),
+        );
+        line("pipeline.max_backoff_ms", p.max_backoff_ms.to_string());
+        line(
+            "pipeline.drain_deadline_secs",
+            p.drain_deadline_secs.to_string(),
+        );
+        line("pipeline.cluster_id", quote(&p.cluster_id));
+        line("health.enabled", self.health.enabled.to_string());
+        line("health.port", self.health.port.to_string());
+        line("log.level", quote(&self.log.level));
+        line(
+            "log.format",
+            quote(if self.log.format == LogFormat::Json {
+                "json"
+            } else {
+                "text"
+            }),
+        );
+        out
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// librdkafka properties whose values are secrets.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("token")
+}
+
+/// A URL with its password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn err_of(r: Result<Config, ConfigError>) -> String {
+        r.expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn environment_overrides_defaults_with_the_go_worker_names() {
+        let c = Config::load(
+            None,
+            env_of(&[
+                ("KAFKA_BROKERS", "a:9092, b:9092"),
+                ("KAFKA_TOPICS", "t1,t2"),
+                ("KAFKA_GROUP_ID", "g"),
+                ("CLICKHOUSE_HOST", "ch.internal"),
+                ("CLICKHOUSE_PASSWORD", "hunter2"),
+                ("DATABASE_URL", "postgres://u:pw@db/x"),
+                ("HEALTH_PORT", "19000"),
+                ("ENABLE_HEALTH_ENDPOINT", "false"),
+                ("LOG_LEVEL", "debug"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.kafka.brokers, "a:9092,b:9092");
+        assert_eq!(c.kafka.topics, vec!["t1", "t2"]);
+        assert_eq!(c.kafka.dlq_topic(), "t1.dlq");
+        assert_eq!(c.clickhouse.url().unwrap(), "http://ch.internal:8123");
+        assert_eq!((c.health.port, c.health.enabled), (19000, false));
+        let shown = c.redacted();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("pw@"),
+            "{shown}"
+        );
+        assert!(shown.contains("postgres://u:***@db/x"), "{shown}");
+    }
+
+    #[test]
+    fn clickhouse_host_forms() {
+        let url = |h: &str| {
+            ClickHouseConfig {
+                host: h.into(),
+                ..Default::default()
+            }
+            .url()
+        };
+        assert_eq!(url("ch").unwrap(), "http://ch:8123");
+        assert_eq!(url("ch:18123").unwrap(), "http://ch:18123");
+        assert_eq!(
+            url("https://ch.example.com").unwrap(),
+            "https://ch.example.com:8443"
+        );
+        assert_eq!(
+            url("http://10.0.0.1:8123/").unwrap(),
+            "http://10.0.0.1:8123"
+        );
+        let native = url("clickhouse:9000").unwrap_err().to_string();
+        assert!(
+            native.contains("native") && native.contains("8123"),
+            "{native}"
+        );
+        assert!(url("tcp://ch").is_err());
+        assert!(url("ch:port").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert!(
+            err_of(Config::load(None, env_of(&[("HEALTH_PORT", "http")]))).contains("HEALTH_PORT")
+        );
+        assert!(
+            err_of(Config::load(None, env_of(&[("KAFKA_TOPICS", " , ")]))).contains("KAFKA_TOPICS")
+        );
+        assert!(
+            err_of(Config::load(None, env_of(&[("LOG_LEVEL", "loud=[")]))).contains("LOG_LEVEL")
+        );
+        assert!(
+            err_of(Config::load(None, env_of(&[("DATABASE_URL", "mysql://x")])))
+                .contains("DATABASE_URL")
+        );
+        assert!(
+            err_of(Config::load(
+                None,
+                env_of(&[("CLICKHOUSE_HOST", "ch:9000")])
+            ))
+            .contains("CLICKHOUSE_HOST")
+        );
+    }
+
+    #[test]
+    fn file_keys_and_librdkafka_passthrough() {
+        let dir = std::env::temp_dir().join(format!("sluice-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ok.toml");
+        std::fs::write(
+            &path,
+            "[kafka]\nbrokers = \"k:9092\"\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"s3cret\"\n\"fetch.max.bytes\" = 1048576\n[pipeline]\nbatch_max_rows = 1000\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&path), env_of(&[])).expect("valid");
+        let opts = c.kafka.librdkafka_options().unwrap();
+        assert_eq!(opts["security.protocol"], "SASL_SSL");
+        assert_eq!(opts["fetch.max.bytes"], "1048576");
+        assert_eq!(c.pipeline.batch_max_rows, 1000);
+        assert!(!c.redacted().contains("s3cret"));
+
+        std::fs::write(&path, "[pipeline]\nbatch_max_rowz = 5\n").unwrap();
+        assert!(err_of(Config::load(Some(&path), env_of(&[]))).contains("batch_max_rowz"));
+        std::fs::write(&path, "[pipeline]\nqueue_capacity = 0\n").unwrap();
+        assert!(err_of(Config::load(Some(&path), env_of(&[]))).contains("pipeline.queue_capacity"));
+        std::fs::write(&path, "[health]\nport = \"x\"\n").unwrap();
+        assert!(err_of(Config::load(Some(&path), env_of(&[]))).contains("port"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
