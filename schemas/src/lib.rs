@@ -1,5 +1,14 @@
 //! FrameWorks event and row types, ClickHouse DDL and PostgreSQL migrations.
 
 pub mod event;
+pub mod rows;
 
 pub use event::{DEFAULT_TENANT, DecodeError, Event, EventType};
+pub use rows::TableRow;
+
+/// ClickHouse migrations in order: (version, name, SQL of `;`-separated statements).
+pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[(
+    1,
+    "frameworks_tables",
+    include_str!("../sql/clickhouse/0001_frameworks_tables.sql"),
+)];

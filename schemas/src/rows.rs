@@ -1,0 +1,242 @@
+//! Row types of the ClickHouse tables, as written with RowBinary. Timestamps are `DateTime`
+//! seconds since the epoch; columns the worker never fills (geo data, JSON metadata) are left
+//! out and take their defaults.
+
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// `stream_events`.
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct StreamEventRow {
+    /// Event id.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: Uuid,
+    /// Event time.
+    pub timestamp: u32,
+    /// Tenant.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub tenant_id: Uuid,
+    /// Stream.
+    pub internal_name: String,
+    /// Event type name.
+    pub event_type: String,
+    /// `data.status` (`request` for `stream-view`).
+    pub status: String,
+    /// Node.
+    pub node_id: String,
+    /// `stream-ingest` only.
+    pub ingest_type: Option<String>,
+    /// `stream-ingest` and `push-lifecycle` only.
+    pub protocol: Option<String>,
+    /// `push-lifecycle` only.
+    pub target: Option<String>,
+    /// `recording-lifecycle` only.
+    pub file_size: Option<u64>,
+    /// `recording-lifecycle` only.
+    pub duration: Option<u32>,
+    /// `data` as JSON.
+    pub event_data: String,
+}
+
+/// `connection_events` (geo columns left at their defaults).
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct ConnectionEventRow {
+    /// Event id.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: Uuid,
+    /// Event time.
+    pub timestamp: u32,
+    /// Tenant.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub tenant_id: Uuid,
+    /// Stream.
+    pub internal_name: String,
+    /// Viewer.
+    pub user_id: String,
+    /// Session.
+    pub session_id: String,
+    /// Viewer address.
+    pub connection_addr: String,
+    /// User agent.
+    pub user_agent: String,
+    /// Connector (protocol handler).
+    pub connector: String,
+    /// Node.
+    pub node_id: String,
+    /// `action`: `connect` or `disconnect`.
+    pub event_type: String,
+    /// `seconds_connected`.
+    pub session_duration: u32,
+    /// `up_bytes + down_bytes`.
+    pub bytes_transferred: u64,
+}
+
+/// `stream_health_metrics` (from `client-lifecycle`).
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct StreamHealthRow {
+    /// Event time.
+    pub timestamp: u32,
+    /// Tenant.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub tenant_id: Uuid,
+    /// Stream.
+    pub internal_name: String,
+    /// Node.
+    pub node_id: String,
+    /// Bitrate.
+    pub bitrate: u32,
+    /// Frames per second.
+    pub fps: f32,
+    /// Buffer health.
+    pub buffer_health: f32,
+    /// Packets sent.
+    pub packets_sent: u64,
+    /// Packets lost.
+    pub packets_lost: u64,
+    /// Packets retransmitted.
+    pub packets_retransmitted: u64,
+    /// Bandwidth in.
+    pub bandwidth_in: u64,
+    /// Bandwidth out.
+    pub bandwidth_out: u64,
+}
+
+/// `viewer_metrics` (second row of `client-lifecycle`; geo columns left at defaults).
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct ViewerMetricRow {
+    /// Event time.
+    pub timestamp: u32,
+    /// Tenant.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub tenant_id: Uuid,
+    /// Stream.
+    pub internal_name: String,
+    /// Always 1: one client.
+    pub viewer_count: u32,
+    /// `protocol`.
+    pub connection_type: String,
+    /// Node.
+    pub node_id: String,
+    /// 1 − lost/sent (clamped), 0 without packets.
+    pub connection_quality: f32,
+    /// Buffer health.
+    pub buffer_health: f32,
+}
+
+/// `node_metrics` (from `node-lifecycle`).
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct NodeMetricRow {
+    /// Event time.
+    pub timestamp: u32,
+    /// Tenant.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub tenant_id: Uuid,
+    /// Node.
+    pub node_id: String,
+    /// CPU usage.
+    pub cpu_usage: f32,
+    /// RAM size.
+    pub ram_max: u64,
+    /// RAM used.
+    pub ram_current: u64,
+    /// Upload speed.
+    pub up_speed: u64,
+    /// Download speed.
+    pub down_speed: u64,
+    /// Streams on the node.
+    pub stream_count: u32,
+    /// 1 when healthy.
+    pub is_healthy: u8,
+}
+
+/// `routing_events` (from `load-balancing`).
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct RoutingEventRow {
+    /// Event time.
+    pub timestamp: u32,
+    /// Tenant.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub tenant_id: Uuid,
+    /// `internal_name`, else `stream_name`.
+    pub stream_name: String,
+    /// Chosen node.
+    pub selected_node: String,
+    /// Decision status.
+    pub status: String,
+    /// Details.
+    pub details: String,
+    /// Score.
+    pub score: i64,
+    /// Client address.
+    pub client_ip: String,
+    /// Two-letter country (`client_country`, else `country_code`).
+    pub client_country: [u8; 2],
+    /// Region (`client_region`, else `region`).
+    pub client_region: String,
+    /// City (`client_city`, else `city`).
+    pub client_city: String,
+    /// Latitude.
+    pub client_latitude: f64,
+    /// Longitude.
+    pub client_longitude: f64,
+    /// Node scores (JSON text).
+    pub node_scores: String,
+    /// Routing metadata (JSON text).
+    pub routing_metadata: String,
+}
+
+/// `track_list_events`.
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct TrackListRow {
+    /// Event time.
+    pub timestamp: u32,
+    /// Event id.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub event_id: Uuid,
+    /// Tenant.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub tenant_id: Uuid,
+    /// Stream.
+    pub internal_name: String,
+    /// Node.
+    pub node_id: String,
+    /// Track list (JSON text).
+    pub track_list: String,
+    /// Number of tracks.
+    pub track_count: u16,
+}
+
+/// One row for one of the tables, as the router produces it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TableRow {
+    /// `stream_events`.
+    StreamEvent(StreamEventRow),
+    /// `connection_events`.
+    ConnectionEvent(ConnectionEventRow),
+    /// `stream_health_metrics`.
+    StreamHealth(StreamHealthRow),
+    /// `viewer_metrics`.
+    ViewerMetric(ViewerMetricRow),
+    /// `node_metrics`.
+    NodeMetric(NodeMetricRow),
+    /// `routing_events`.
+    RoutingEvent(RoutingEventRow),
+    /// `track_list_events`.
+    TrackList(TrackListRow),
+}
+
+impl TableRow {
+    /// The table this row belongs to.
+    pub fn table(&self) -> &'static str {
+        match self {
+            TableRow::StreamEvent(_) => "stream_events",
+            TableRow::ConnectionEvent(_) => "connection_events",
+            TableRow::StreamHealth(_) => "stream_health_metrics",
+            TableRow::ViewerMetric(_) => "viewer_metrics",
+            TableRow::NodeMetric(_) => "node_metrics",
+            TableRow::RoutingEvent(_) => "routing_events",
+            TableRow::TrackList(_) => "track_list_events",
+        }
+    }
+}
