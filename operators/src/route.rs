@@ -229,6 +229,7 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
                 event_type: f.text("action"),
                 session_duration: f.uint("seconds_connected", "UInt32")?,
                 bytes_transferred: bytes,
+                ..Default::default()
             })]
         }
         EventType::ClientLifecycle => {
@@ -265,6 +266,7 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
                     node_id,
                     connection_quality: quality as f32,
                     buffer_health,
+                    ..Default::default()
                 }),
             ]
         }

@@ -12,3 +12,17 @@ pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[(
     "frameworks_tables",
     include_str!("../sql/clickhouse/0001_frameworks_tables.sql"),
 )];
+
+/// The statements of a migration: comment lines dropped, split at `;`.
+pub fn sql_statements(sql: &str) -> Vec<String> {
+    let code: Vec<&str> = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect();
+    code.join("\n")
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}

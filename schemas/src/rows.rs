@@ -1,13 +1,13 @@
 //! Row types of the ClickHouse tables, as written with RowBinary. Timestamps are `DateTime`
-//! seconds since the epoch; columns the worker never fills (geo data, JSON metadata) are left
-//! out and take their defaults.
+//! seconds since the epoch. Columns the contract leaves empty are written empty; columns no
+//! event fills (node and codec details, JSON metadata) have DEFAULTs in the DDL and are left out.
 
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// `stream_events`.
-#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct StreamEventRow {
     /// Event id.
     #[serde(with = "clickhouse::serde::uuid")]
@@ -40,7 +40,7 @@ pub struct StreamEventRow {
 }
 
 /// `connection_events` (geo columns left at their defaults).
-#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct ConnectionEventRow {
     /// Event id.
     #[serde(with = "clickhouse::serde::uuid")]
@@ -64,6 +64,14 @@ pub struct ConnectionEventRow {
     pub connector: String,
     /// Node.
     pub node_id: String,
+    /// Geo data: not in the events, written empty (contract).
+    pub country_code: [u8; 2],
+    /// Geo data: empty.
+    pub city: String,
+    /// Geo data: zero.
+    pub latitude: f64,
+    /// Geo data: zero.
+    pub longitude: f64,
     /// `action`: `connect` or `disconnect`.
     pub event_type: String,
     /// `seconds_connected`.
@@ -73,7 +81,7 @@ pub struct ConnectionEventRow {
 }
 
 /// `stream_health_metrics` (from `client-lifecycle`).
-#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct StreamHealthRow {
     /// Event time.
     pub timestamp: u32,
@@ -103,7 +111,7 @@ pub struct StreamHealthRow {
 }
 
 /// `viewer_metrics` (second row of `client-lifecycle`; geo columns left at defaults).
-#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct ViewerMetricRow {
     /// Event time.
     pub timestamp: u32,
@@ -118,6 +126,14 @@ pub struct ViewerMetricRow {
     pub connection_type: String,
     /// Node.
     pub node_id: String,
+    /// Geo data: not in the events, written empty (contract).
+    pub country_code: [u8; 2],
+    /// Geo data: empty.
+    pub city: String,
+    /// Geo data: zero.
+    pub latitude: f64,
+    /// Geo data: zero.
+    pub longitude: f64,
     /// 1 − lost/sent (clamped), 0 without packets.
     pub connection_quality: f32,
     /// Buffer health.
@@ -125,7 +141,7 @@ pub struct ViewerMetricRow {
 }
 
 /// `node_metrics` (from `node-lifecycle`).
-#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct NodeMetricRow {
     /// Event time.
     pub timestamp: u32,
@@ -151,7 +167,7 @@ pub struct NodeMetricRow {
 }
 
 /// `routing_events` (from `load-balancing`).
-#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct RoutingEventRow {
     /// Event time.
     pub timestamp: u32,
@@ -187,7 +203,7 @@ pub struct RoutingEventRow {
 }
 
 /// `track_list_events`.
-#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct TrackListRow {
     /// Event time.
     pub timestamp: u32,

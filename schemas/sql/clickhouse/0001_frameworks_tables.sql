@@ -1,5 +1,6 @@
 -- FrameWorks time-series tables, as the FrameWorks query service reads them.
--- Statements run in the configured database (CLICKHOUSE_DB, default `frameworks`).
+-- Statements run in the configured database (CLICKHOUSE_DB, default `frameworks`). Columns no
+-- event fills carry an explicit DEFAULT, so the worker's inserts can leave them out.
 -- Every table keeps the hashes of its last 10,000 insert blocks, so that an insert retried or
 -- replayed with the same insert_deduplication_token (derived from the source offsets) lands once.
 
@@ -93,22 +94,22 @@ CREATE TABLE IF NOT EXISTS node_metrics (
     tenant_id           UUID,
     node_id             LowCardinality(String),
     cpu_usage           Float32,
-    memory_usage        Float32,
-    disk_usage          Float32,
+    memory_usage        Float32 DEFAULT 0,
+    disk_usage          Float32 DEFAULT 0,
     ram_max             UInt64,
     ram_current         UInt64,
-    bandwidth_in        UInt64,
-    bandwidth_out       UInt64,
+    bandwidth_in        UInt64 DEFAULT 0,
+    bandwidth_out       UInt64 DEFAULT 0,
     up_speed            UInt64,
     down_speed          UInt64,
-    connections_current UInt32,
+    connections_current UInt32 DEFAULT 0,
     stream_count        UInt32,
-    health_score        Float32,
+    health_score        Float32 DEFAULT 0,
     is_healthy          UInt8,
-    latitude            Float64,
-    longitude           Float64,
-    tags                Array(String),
-    metadata            JSON
+    latitude            Float64 DEFAULT 0,
+    longitude           Float64 DEFAULT 0,
+    tags                Array(String) DEFAULT [],
+    metadata            JSON DEFAULT '{}'
 ) ENGINE = MergeTree
 PARTITION BY (toYYYYMM(timestamp), tenant_id)
 ORDER BY (timestamp, node_id)
@@ -122,20 +123,20 @@ CREATE TABLE IF NOT EXISTS stream_health_metrics (
     node_id               LowCardinality(String),
     bitrate               UInt32,
     fps                   Float32,
-    gop_size              UInt16,
-    width                 UInt16,
-    height                UInt16,
-    buffer_size           UInt32,
-    buffer_used           UInt32,
+    gop_size              UInt16 DEFAULT 0,
+    width                 UInt16 DEFAULT 0,
+    height                UInt16 DEFAULT 0,
+    buffer_size           UInt32 DEFAULT 0,
+    buffer_used           UInt32 DEFAULT 0,
     buffer_health         Float32,
     packets_sent          UInt64,
     packets_lost          UInt64,
     packets_retransmitted UInt64,
     bandwidth_in          UInt64,
     bandwidth_out         UInt64,
-    codec                 LowCardinality(String),
-    profile               LowCardinality(String),
-    track_metadata        JSON
+    codec                 LowCardinality(String) DEFAULT '',
+    profile               LowCardinality(String) DEFAULT '',
+    track_metadata        JSON DEFAULT '{}'
 ) ENGINE = MergeTree
 PARTITION BY (toYYYYMM(timestamp), tenant_id)
 ORDER BY (timestamp, internal_name)

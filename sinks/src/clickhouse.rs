@@ -1,0 +1,206 @@
+//! A generic ClickHouse batch sink: one RowBinary insert per batch through the `clickhouse`
+//! crate, with an `insert_deduplication_token` derived from the batch's source offsets, so that
+//! a retried (or replayed) insert of the same batch lands once.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use clickhouse::{Client, RowOwned, RowWrite};
+use sluice_pipeline::{AckSet, Batch, Sink, SinkError};
+
+/// ClickHouse error codes a retry may fix: overload, timeouts, network, too many parts,
+/// memory pressure, a replica or keeper being away.
+const TRANSIENT_CODES: &[u32] = &[
+    159, // TIMEOUT_EXCEEDED
+    164, // READONLY (replica temporarily read-only)
+    202, // TOO_MANY_SIMULTANEOUS_QUERIES
+    203, // NO_FREE_CONNECTION
+    209, // SOCKET_TIMEOUT
+    210, // NETWORK_ERROR
+    241, // MEMORY_LIMIT_EXCEEDED
+    252, // TOO_MANY_PARTS
+    285, // TOO_FEW_LIVE_REPLICAS
+    319, // UNKNOWN_STATUS_OF_INSERT
+    425, // SYSTEM_ERROR
+    999, // KEEPER_EXCEPTION
+];
+
+/// The ClickHouse error code in a server response (`Code: 252. DB::Exception: …`).
+pub fn error_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + 6..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Sorts a `clickhouse` error into retryable or not.
+pub fn classify(err: clickhouse::error::Error) -> SinkError {
+    use clickhouse::error::Error as E;
+    match &err {
+        E::Network(_) | E::TimedOut => SinkError::transient(err),
+        E::BadResponse(msg) => match error_code(msg) {
+            Some(code) if TRANSIENT_CODES.contains(&code) => SinkError::transient(err),
+            Some(_) => SinkError::permanent(err),
+            // No code: an HTTP-level failure (proxy, 5xx without a ClickHouse body).
+            None => SinkError::transient(err),
+        },
+        _ => SinkError::permanent(err),
+    }
+}
+
+/// The deduplication token of a batch for `table`: the table and every source range, sorted,
+/// so the same records in the same batch boundaries give the same token in any process.
+pub fn dedup_token(table: &str, acks: &AckSet) -> String {
+    let mut ranges: Vec<String> = acks
+        .ranges()
+        .map(|(tp, a, b)| format!("{}:{}:{a}-{b}", tp.topic, tp.partition))
+        .collect();
+    ranges.sort_unstable();
+    let token = format!("{table}|{}", ranges.join(","));
+    if token.len() <= 256 {
+        return token;
+    }
+    // Long lists (many small source batches) are hashed to keep the request small.
+    let digest = twox_hash::XxHash3_128::oneshot(token.as_bytes());
+    format!("{table}|{}|xxh3:{digest:032x}", ranges.len())
+}
+
+/// Writes batches of `T` into one table.
+pub struct ClickHouseSink<T> {
+    client: Client,
+    table: Arc<str>,
+    _row: PhantomData<fn(T)>,
+}
+
+impl<T> Clone for ClickHouseSink<T> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            table: self.table.clone(),
+            _row: PhantomData,
+        }
+    }
+}
+
+impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
+    /// A sink into `table` of the client's database. Inserts are synchronous
+    /// (`async_insert = 0`), so a successful write is durable.
+    pub fn new(client: Client, table: impl Into<Arc<str>>) -> Self {
+        Self {
+            client: client.with_setting("async_insert", "0"),
+            table: table.into(),
+            _row: PhantomData,
+        }
+    }
+
+    /// The table written to.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Checks that the table exists, that every field of `T` has a column of a compatible
+    /// type and that every column without a default has a field; the error names the
+    /// mismatch. `sample` is serialised against the table's schema but never inserted.
+    pub async fn check_schema(&self, sample: &T) -> Result<(), SinkError> {
+        let mismatch = |e| match e {
+            clickhouse::error::Error::SchemaMismatch(m) => SinkError::permanent(format!(
+                "table `{}` does not match the row type: {m}",
+                self.table
+            )),
+            other => classify(other),
+        };
+        let mut insert = self
+            .client
+            .insert::<T>(&self.table)
+            .await
+            .map_err(mismatch)?;
+        insert.write(sample).await.map_err(mismatch)?;
+        // Dropped without `end()`: the insert is aborted and nothing is written.
+        drop(insert);
+        Ok(())
+    }
+}
+
+impl<T> Sink for ClickHouseSink<T>
+where
+    T: RowOwned + RowWrite + Send + Sync,
+{
+    type Item = T;
+
+    async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
+        let token = dedup_token(&self.table, batch.acks());
+        let mut insert = self
+            .client
+            .insert::<T>(&self.table)
+            .await
+            .map_err(classify)?
+            .with_setting("insert_deduplication_token", token);
+        for row in &batch.items {
+            insert.write(row).await.map_err(classify)?;
+        }
+        insert.end().await.map_err(classify)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_pipeline::TopicPartition;
+    use sluice_pipeline::ack::PartitionLedger;
+
+    #[test]
+    fn error_codes_sort_into_transient_and_permanent() {
+        assert_eq!(
+            error_code("Code: 252. DB::Exception: Too many parts"),
+            Some(252)
+        );
+        assert!(
+            classify(clickhouse::error::Error::BadResponse(
+                "Code: 252. DB::Exception: Too many parts (300)".into()
+            ))
+            .is_transient()
+        );
+        assert!(
+            !classify(clickhouse::error::Error::BadResponse(
+                "Code: 60. DB::Exception: Unknown table".into()
+            ))
+            .is_transient()
+        );
+        assert!(
+            classify(clickhouse::error::Error::BadResponse(
+                "502 Bad Gateway".into()
+            ))
+            .is_transient()
+        );
+        assert!(classify(clickhouse::error::Error::TimedOut).is_transient());
+        assert!(!classify(clickhouse::error::Error::SchemaMismatch("x".into())).is_transient());
+    }
+
+    #[test]
+    fn token_depends_on_ranges_not_their_order() {
+        let a = PartitionLedger::new(TopicPartition::new("events", 0));
+        let b = PartitionLedger::new(TopicPartition::new("events", 1));
+        let (a1, b1) = (a.issue(0, 99).unwrap(), b.issue(5, 9).unwrap());
+        let mut one = AckSet::new();
+        one.push(a1.share());
+        one.push(b1.share());
+        let mut reversed = AckSet::new();
+        reversed.push(b1.share());
+        reversed.push(a1.share());
+        assert_eq!(dedup_token("t", &one), "t|events:0:0-99,events:1:5-9");
+        assert_eq!(dedup_token("t", &one), dedup_token("t", &reversed));
+        assert_ne!(dedup_token("t", &one), dedup_token("u", &one));
+        let mut many = AckSet::new();
+        for i in 0..50 {
+            many.push(a.issue(1000 + i * 10, 1009 + i * 10).unwrap());
+        }
+        let long = dedup_token("t", &many);
+        assert!(long.len() < 100 && long.starts_with("t|50|xxh3:"), "{long}");
+        for set in [one, reversed, many] {
+            set.release();
+        }
+        a1.release();
+        b1.release();
+    }
+}

@@ -1,0 +1,349 @@
+//! FrameWorks rows into the real ClickHouse through the generic sink: every event type lands
+//! in its table with the DDL of `schemas/`, a retried batch lands once, `viewer_metrics_5m` is
+//! right however the rows are batched, and a table of the wrong shape is refused.
+
+use clickhouse::Client;
+use sluice_operators::route;
+use sluice_pipeline::ack::PartitionLedger;
+use sluice_pipeline::{Batch, Sink, TopicPartition};
+use sluice_schemas::rows::{StreamEventRow, TrackListRow, ViewerMetricRow};
+use sluice_schemas::{CLICKHOUSE_MIGRATIONS, Event, TableRow, sql_statements};
+use sluice_sinks::ClickHouseSink;
+use sluice_testkit::unique;
+
+const TENANT: &str = "9b2f0a7c-4d3e-4b8a-8c1d-0e5f6a7b8c9d";
+
+fn clickhouse_url() -> String {
+    std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+/// A fresh database with the FrameWorks tables.
+async fn fresh_database() -> Client {
+    let db = unique("fw_test");
+    let root = Client::default().with_url(clickhouse_url());
+    root.query(&format!("CREATE DATABASE {db}"))
+        .execute()
+        .await
+        .expect("create database");
+    let client = root.with_database(&db);
+    for (_, _, sql) in CLICKHOUSE_MIGRATIONS {
+        for stmt in sql_statements(sql) {
+            client
+                .query(&stmt)
+                .execute()
+                .await
+                .unwrap_or_else(|e| panic!("{stmt}: {e}"));
+        }
+    }
+    client
+}
+
+/// Event `i`, `i` seconds after a recent fixed point (older rows would fall to the TTLs).
+fn event(i: usize, kind: &str, data: &str) -> Event {
+    let base = time::OffsetDateTime::now_utc().unix_timestamp() / 3600 * 3600 - 7200;
+    let ts = time::OffsetDateTime::from_unix_timestamp(base + i as i64).expect("time");
+    let ts = ts
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format");
+    let json = format!(
+        r#"{{"id":"00000000-0000-4000-8000-{i:012}","type":"{kind}","timestamp":"{ts}","tenant_id":"{TENANT}","data":{data}}}"#
+    );
+    Event::decode(json.as_bytes(), None).expect("valid event")
+}
+
+/// A batch with its own source range, as the Kafka source would hand out.
+fn batch<T>(ledger: &std::sync::Arc<PartitionLedger>, first: i64, items: Vec<T>) -> Batch<T> {
+    let last = first + items.len().max(1) as i64 - 1;
+    Batch::from_handle(items, ledger.issue(first, last).expect("in order"))
+}
+
+async fn count(client: &Client, table: &str) -> u64 {
+    client
+        .query(&format!("SELECT count() FROM {table}"))
+        .fetch_one()
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn every_event_type_lands_in_its_table() {
+    let client = fresh_database().await;
+    let samples = [
+        (
+            "stream-lifecycle",
+            r#"{"internal_name":"live+a","status":"live","node_id":"edge-1"}"#,
+        ),
+        (
+            "stream-buffer",
+            r#"{"internal_name":"live+a","status":"FULL"}"#,
+        ),
+        (
+            "stream-end",
+            r#"{"internal_name":"live+a","status":"ended"}"#,
+        ),
+        ("stream-view", r#"{"internal_name":"live+a"}"#),
+        (
+            "stream-ingest",
+            r#"{"internal_name":"live+a","ingest_type":"push","protocol":"rtmp"}"#,
+        ),
+        (
+            "push-lifecycle",
+            r#"{"internal_name":"live+a","target":"rtmp://x/y","protocol":"rtmp"}"#,
+        ),
+        (
+            "recording-lifecycle",
+            r#"{"internal_name":"live+a","file_size":"1048576","duration":"60"}"#,
+        ),
+        (
+            "user-connection",
+            r#"{"internal_name":"live+a","action":"disconnect","seconds_connected":"30","up_bytes":"100","down_bytes":200,"session_id":"s1"}"#,
+        ),
+        (
+            "client-lifecycle",
+            r#"{"internal_name":"live+a","node_id":"edge-1","packets_sent":"100","packets_lost":"10","buffer_health":0.5,"protocol":"hls","bitrate":"2500"}"#,
+        ),
+        (
+            "node-lifecycle",
+            r#"{"node_id":"edge-1","cpu_usage":"12.5","is_healthy":true,"ram_max":"1024"}"#,
+        ),
+        (
+            "load-balancing",
+            r#"{"stream_name":"live+a","selected_node":"edge-1","country_code":"NL","score":7,"node_scores":{"edge-1":7}}"#,
+        ),
+        (
+            "track-list",
+            r#"{"internal_name":"live+a","node_id":"edge-1","track_list":[{"codec":"H264"}]}"#,
+        ),
+    ];
+    let rows: Vec<TableRow> = samples
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (k, d))| route(&event(i, k, d)).expect("routes"))
+        .collect();
+    let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 0));
+    let mut next = 0i64;
+    macro_rules! write_table {
+        ($variant:ident, $ty:ty, $table:literal) => {{
+            let items: Vec<$ty> = rows
+                .iter()
+                .filter_map(|r| match r {
+                    TableRow::$variant(x) => Some(x.clone()),
+                    _ => None,
+                })
+                .collect();
+            let n = items.len();
+            let mut sink = ClickHouseSink::<$ty>::new(client.clone(), $table);
+            sink.check_schema(&<$ty>::default())
+                .await
+                .expect("schema matches");
+            let b = batch(&ledger, next, items);
+            next += n.max(1) as i64;
+            sink.write(&b).await.expect("insert");
+            b.ack();
+            n
+        }};
+    }
+    use sluice_schemas::rows::*;
+    let expected = [
+        (
+            "stream_events",
+            write_table!(StreamEvent, StreamEventRow, "stream_events"),
+        ),
+        (
+            "connection_events",
+            write_table!(ConnectionEvent, ConnectionEventRow, "connection_events"),
+        ),
+        (
+            "stream_health_metrics",
+            write_table!(StreamHealth, StreamHealthRow, "stream_health_metrics"),
+        ),
+        (
+            "viewer_metrics",
+            write_table!(ViewerMetric, ViewerMetricRow, "viewer_metrics"),
+        ),
+        (
+            "node_metrics",
+            write_table!(NodeMetric, NodeMetricRow, "node_metrics"),
+        ),
+        (
+            "routing_events",
+            write_table!(RoutingEvent, RoutingEventRow, "routing_events"),
+        ),
+        (
+            "track_list_events",
+            write_table!(TrackList, TrackListRow, "track_list_events"),
+        ),
+    ];
+    assert_eq!(
+        expected.iter().map(|(_, n)| n).sum::<usize>(),
+        13,
+        "12 events, client-lifecycle twice"
+    );
+    assert_eq!(next, 13, "one offset per row here");
+    for (table, n) in expected {
+        assert_eq!(count(&client, table).await, n as u64, "{table}");
+    }
+    let back: Vec<StreamEventRow> = client
+        .query("SELECT ?fields FROM stream_events WHERE event_type = 'recording-lifecycle'")
+        .fetch_all()
+        .await
+        .expect("select");
+    assert_eq!(
+        (
+            back[0].file_size,
+            back[0].duration,
+            back[0].protocol.clone()
+        ),
+        (Some(1_048_576), Some(60), None)
+    );
+    assert_eq!(back[0].tenant_id.to_string(), TENANT);
+    let conn: ConnectionEventRow = client
+        .query("SELECT ?fields FROM connection_events")
+        .fetch_one()
+        .await
+        .expect("select");
+    assert_eq!(
+        (
+            conn.bytes_transferred,
+            conn.session_duration,
+            conn.event_type.as_str()
+        ),
+        (300, 30, "disconnect")
+    );
+    let tracks: TrackListRow = client
+        .query("SELECT ?fields FROM track_list_events")
+        .fetch_one()
+        .await
+        .expect("select");
+    assert_eq!(
+        (tracks.track_count, tracks.track_list.as_str()),
+        (1, r#"[{"codec":"H264"}]"#)
+    );
+}
+
+#[tokio::test]
+async fn a_retried_batch_lands_once_and_distinct_batches_with_equal_rows_both_land() {
+    let client = fresh_database().await;
+    let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 3));
+    let rows: Vec<ViewerMetricRow> = (0..100)
+        .map(|i| {
+            match route(&event(
+                i,
+                "client-lifecycle",
+                r#"{"internal_name":"s","packets_sent":"10"}"#,
+            ))
+            .expect("routes")
+            .remove(1)
+            {
+                TableRow::ViewerMetric(v) => v,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+    let mut sink = ClickHouseSink::<ViewerMetricRow>::new(client.clone(), "viewer_metrics");
+    let first = batch(&ledger, 0, rows.clone());
+    sink.write(&first).await.expect("insert");
+    sink.write(&first)
+        .await
+        .expect("retry of an insert that landed");
+    sink.write(&first).await.expect("and again");
+    assert_eq!(count(&client, "viewer_metrics").await, 100);
+    // The same rows from other offsets are other events: they must not be dropped as duplicates.
+    let second = batch(&ledger, 100, rows);
+    sink.write(&second).await.expect("insert");
+    assert_eq!(count(&client, "viewer_metrics").await, 200);
+    assert_eq!(count(&client, "track_list_events").await, 0);
+    first.ack();
+    second.ack();
+}
+
+#[tokio::test]
+async fn viewer_metrics_5m_is_exact_under_many_small_inserts() {
+    let client = fresh_database().await;
+    let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 0));
+    let mut sink = ClickHouseSink::<ViewerMetricRow>::new(client.clone(), "viewer_metrics");
+    let mut offset = 0i64;
+    for chunk in 0..40usize {
+        let rows: Vec<ViewerMetricRow> = (0..25usize)
+            .map(|j| {
+                let i = chunk * 25 + j;
+                let mut v = match route(&event(i % 900, "client-lifecycle", &format!(
+                    r#"{{"internal_name":"s{}","node_id":"n{}","packets_sent":"{}","packets_lost":"{}","buffer_health":"0.{}"}}"#,
+                    i % 3, i % 2, 100 + i, i % 17, i % 10
+                )))
+                .expect("routes")
+                .remove(1)
+                {
+                    TableRow::ViewerMetric(v) => v,
+                    other => panic!("{other:?}"),
+                };
+                v.viewer_count = (i % 7) as u32 + 1;
+                v
+            })
+            .collect();
+        let b = batch(&ledger, offset, rows);
+        offset += 25;
+        sink.write(&b).await.expect("insert");
+        b.ack();
+    }
+    let cols = "toString(timestamp_5m), toString(tenant_id), internal_name, toString(node_id), peak_viewers, round(avg_viewers, 3), unique_countries, unique_cities, round(avg_connection_quality, 3), round(avg_buffer_health, 3)";
+    let tsv = |sql: String| {
+        let client = client.clone();
+        async move {
+            let bytes = client
+                .query(&sql)
+                .fetch_bytes("TabSeparated")
+                .expect("query")
+                .collect()
+                .await
+                .expect("rows");
+            String::from_utf8(bytes.to_vec()).expect("utf8")
+        }
+    };
+    let view = tsv(format!(
+        "SELECT {cols} FROM viewer_metrics_5m ORDER BY 1, 2, 3, 4"
+    ))
+    .await;
+    let direct = tsv(format!(
+        "SELECT {cols} FROM (SELECT toStartOfInterval(timestamp, INTERVAL 5 MINUTE) AS timestamp_5m, tenant_id, internal_name, node_id, \
+             max(viewer_count) AS peak_viewers, toFloat32(avg(viewer_count)) AS avg_viewers, toUInt32(uniq(country_code)) AS unique_countries, \
+             toUInt32(uniq(city)) AS unique_cities, toFloat32(avg(connection_quality)) AS avg_connection_quality, \
+             toFloat32(avg(buffer_health)) AS avg_buffer_health FROM viewer_metrics GROUP BY timestamp_5m, tenant_id, internal_name, node_id) ORDER BY 1, 2, 3, 4"
+    ))
+    .await;
+    assert!(
+        view.lines().count() > 6,
+        "several keys and windows:\n{view}"
+    );
+    assert_eq!(view, direct);
+}
+
+#[tokio::test]
+async fn a_table_of_the_wrong_shape_is_refused_naming_the_column() {
+    let client = fresh_database().await;
+    client
+        .query("DROP TABLE track_list_events")
+        .execute()
+        .await
+        .expect("drop");
+    client
+        .query("CREATE TABLE track_list_events (timestamp DateTime, event_id UUID, tenant_id UUID, internal_name String, node_id String, track_list String, track_count String) ENGINE = MergeTree ORDER BY timestamp")
+        .execute()
+        .await
+        .expect("create");
+    let err = ClickHouseSink::<TrackListRow>::new(client.clone(), "track_list_events")
+        .check_schema(&TrackListRow::default())
+        .await
+        .expect_err("mismatch");
+    let msg = err.to_string();
+    assert!(!err.is_transient(), "{msg}");
+    assert!(
+        msg.contains("track_count") && msg.contains("track_list_events"),
+        "{msg}"
+    );
+    let missing = ClickHouseSink::<StreamEventRow>::new(client.clone(), "no_such_table")
+        .check_schema(&StreamEventRow::default())
+        .await
+        .expect_err("missing");
+    assert!(!missing.is_transient(), "{missing}");
+}
