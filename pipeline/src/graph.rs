@@ -168,7 +168,7 @@ pub(crate) struct Graph {
 }
 
 impl Graph {
-    fn add_task(
+    pub(crate) fn add_task(
         &self,
         name: Arc<str>,
         is_source: bool,
@@ -185,7 +185,7 @@ impl Graph {
     }
 
     /// A bounded queue whose depth is reported under `stage`'s name (the stage that fills it).
-    fn queue<T: Send + 'static>(
+    pub(crate) fn queue<T: Send + 'static>(
         &self,
         stage: &Stage,
     ) -> (mpsc::Sender<Batch<T>>, mpsc::Receiver<Batch<T>>) {
@@ -423,6 +423,23 @@ pub struct Flow<T> {
 }
 
 impl<T: Send + 'static> Flow<T> {
+    pub(crate) fn from_parts(rx: mpsc::Receiver<Batch<T>>, graph: Arc<Graph>) -> Self {
+        Flow { rx, graph }
+    }
+
+    pub(crate) fn graph(&self) -> &Arc<Graph> {
+        &self.graph
+    }
+
+    pub(crate) fn into_inputs(self, workers: usize) -> (Vec<Input<T>>, Arc<Graph>) {
+        self.input(workers)
+    }
+
+    /// Starts a typed split: one stage sending each item to outputs of different types.
+    pub fn split(self, stage: impl Into<Stage>) -> crate::split::Split<T> {
+        crate::split::Split::new(stage.into(), self)
+    }
+
     fn input(self, workers: usize) -> (Vec<Input<T>>, Arc<Graph>) {
         let inputs = if workers <= 1 {
             vec![Input::One(self.rx)]

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod operator;
 pub mod retry;
 pub mod sources;
+pub mod split;
 pub mod stages;
 
 pub use ack::{AckHandle, AckSet, TopicPartition};
@@ -51,4 +52,5 @@ pub use lifecycle::{Health, Shutdown, shutdown_on_signals};
 pub use operator::{AsyncOperator, Operator, Sink};
 pub use retry::RetryPolicy;
 pub use sources::BatchSource;
+pub use split::{Emit, Port, Split};
 pub use stages::{BatchLimits, Output};

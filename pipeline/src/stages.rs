@@ -22,7 +22,7 @@ pub(crate) enum Input<T> {
 }
 
 impl<T> Input<T> {
-    async fn recv(&mut self) -> Option<Batch<T>> {
+    pub(crate) async fn recv(&mut self) -> Option<Batch<T>> {
         match self {
             Input::One(rx) => rx.recv().await,
             Input::Shared(rx) => rx.lock().await.recv().await,

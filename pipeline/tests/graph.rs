@@ -337,3 +337,55 @@ async fn health_and_readiness_endpoints() {
     assert_eq!(http_get(addr, "/metrics").await.0, 200);
     server.abort();
 }
+
+#[derive(Clone, Default)]
+struct Texts(Arc<Mutex<Vec<String>>>);
+
+impl Sink for Texts {
+    type Item = String;
+
+    async fn write(&mut self, batch: &Batch<String>) -> Result<(), SinkError> {
+        self.0.lock().unwrap().extend(batch.items.iter().cloned());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn typed_split_sends_items_to_outputs_of_different_types() {
+    let l = ledger();
+    let numbers = ScriptedSink::default();
+    let texts = Texts::default();
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let mut split = pipeline
+        .source("src", BatchSource::new(numbered(&l, 4, 10)))
+        .split(Stage::new("split").workers(2));
+    let (even_port, evens) = split.output::<u64>("even");
+    let (odd_port, odds) = split.output::<String>("odd");
+    split.run(move || {
+        move |i: u64, out: &mut sluice_pipeline::Emit| match i {
+            i if i % 5 == 0 => {}
+            i if i % 2 == 0 => out.push(&even_port, i),
+            i => {
+                out.push(&odd_port, format!("odd {i}"));
+                out.push(&odd_port, format!("again {i}"));
+            }
+        }
+    });
+    let (n, t) = (numbers.clone(), texts.clone());
+    evens.sink("numbers", move || n.clone());
+    odds.sink("texts", move || t.clone());
+    pipeline.run().await.expect("run");
+    let mut got = numbers.items();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (0..40)
+            .filter(|i| i % 2 == 0 && i % 5 != 0)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        texts.0.lock().unwrap().len(),
+        2 * (0..40).filter(|i| i % 2 == 1 && i % 5 != 0).count()
+    );
+    assert_eq!(l.committable(), Some(40));
+}
