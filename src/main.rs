@@ -1,7 +1,10 @@
 //! `sluice`: the command-line entry point of the Sluice pipeline worker.
 
 mod config;
+mod frameworks;
+mod generate;
 mod logging;
+mod migrate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +30,50 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the FrameWorks ingest worker: Kafka → ClickHouse (and the dead-letter topic), with
+    /// /health, /ready and /metrics on HEALTH_PORT. SIGINT/SIGTERM stop it gracefully.
+    Run {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Exit 0 once every assigned partition is processed to the end offset it had at start,
+        /// everything is flushed and offsets are committed (backfills, demos, tests).
+        #[arg(long)]
+        drain: bool,
+        /// Print a progress line (rows written) every second on stderr.
+        #[arg(long)]
+        progress: bool,
+    },
+    /// Create the ClickHouse database and tables (idempotent, versioned) and say what was done.
+    Migrate {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Produce a realistic FrameWorks event stream into the configured topic.
+    Generate {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Number of events.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// Events per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Random seed: the same seed gives the same events.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Partitions of the topic, if it has to be created.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Number of tenants.
+        #[arg(long, default_value_t = 8)]
+        tenants: usize,
+        /// Topic (default: the first of KAFKA_TOPICS).
+        #[arg(long)]
+        topic: Option<String>,
+    },
     /// Check the configuration and reach every service; print the effective settings with
     /// secrets redacted. Exits non-zero if anything is wrong.
     Validate {
@@ -60,6 +107,40 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { config } => validate(config).await,
+        Command::Migrate { config } => {
+            let config = load(config)?;
+            for line in migrate::clickhouse(&config).await? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate {
+            config,
+            events,
+            rate,
+            seed,
+            partitions,
+            tenants,
+            topic,
+        } => {
+            let config = load(config)?;
+            let opts = generate::Options {
+                events,
+                rate,
+                seed,
+                partitions,
+                topic,
+                tenants,
+                progress: true,
+            };
+            generate::run(&config, &opts).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            config,
+            drain,
+            progress,
+        } => run(config, drain, progress).await,
     }
 }
 
@@ -162,4 +243,106 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
         .fetch_one(&mut conn)
         .await?;
     Ok(format!("PostgreSQL {version}"))
+}
+
+async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Result<ExitCode> {
+    use sluice_pipeline::{DeadLetterSink, Pipeline, PipelineConfig, RetryPolicy};
+    let config = load(path)?;
+    let prometheus = match sluice_pipeline::http::install_prometheus() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+            None
+        }
+    };
+    let p = &config.pipeline;
+    let pipeline = Pipeline::new(PipelineConfig {
+        queue_capacity: p.queue_capacity,
+        drain_deadline: Duration::from_secs(p.drain_deadline_secs),
+        retry: RetryPolicy {
+            max_retries: p.max_retries,
+            max_backoff: Duration::from_millis(p.max_backoff_ms.max(1)),
+            ..Default::default()
+        },
+    });
+    let handle = pipeline.handle();
+    sluice_pipeline::shutdown_on_signals(handle.shutdown_signal());
+    let server = if config.health.enabled {
+        let addr = std::net::SocketAddr::from(([0, 0, 0, 0], config.health.port));
+        let (_, task) = sluice_pipeline::http::serve(addr, handle.health(), prometheus)
+            .await
+            .with_context(|| format!("cannot listen on HEALTH_PORT {}", config.health.port))?;
+        Some(task)
+    } else {
+        None
+    };
+
+    // ClickHouse may not be up yet: retry (not ready meanwhile) until it answers; a table of
+    // the wrong shape stops the worker at once.
+    let client = frameworks::clickhouse_client(&config)?;
+    let health = handle.health();
+    let mut attempt = 0u32;
+    loop {
+        match frameworks::check_tables(&client).await {
+            Ok(()) => break,
+            Err(e) if e.is_transient() && !handle.shutdown_signal().is_triggered() => {
+                health.set_failing("clickhouse", true);
+                let wait = RetryPolicy::default().backoff(attempt);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "ClickHouse not reachable at start; retrying");
+                tokio::time::sleep(wait).await;
+                attempt = attempt.saturating_add(1);
+            }
+            Err(e) => anyhow::bail!("ClickHouse tables are not usable: {e}"),
+        }
+    }
+    health.set_failing("clickhouse", false);
+
+    let dlq_topic = config.kafka.dlq_topic();
+    let dlq = DeadLetterSink::new(
+        &config.kafka.brokers,
+        &dlq_topic,
+        &config.kafka.librdkafka_options()?,
+    )
+    .context("cannot create the dead-letter producer")?;
+    let source = frameworks::source_config(&config, drain)?;
+    frameworks::build(&pipeline, &config, source, client, dlq);
+    tracing::info!(topics = ?config.kafka.topics, group = %config.kafka.group_id, dlq = %dlq_topic, drain, "sluice run: starting");
+
+    let started = std::time::Instant::now();
+    let reporter = progress.then(|| {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let rows = handle.items_written();
+                let secs = started.elapsed().as_secs_f64();
+                eprint!(
+                    "\rrun: {rows} rows written in {secs:.0} s ({:.0} rows/s)   ",
+                    rows as f64 / secs.max(1e-9)
+                );
+            }
+        })
+    });
+    let result = pipeline.run().await;
+    if let Some(r) = reporter {
+        r.abort();
+        eprintln!();
+    }
+    if let Some(s) = server {
+        s.abort();
+    }
+    match result {
+        Ok(()) => {
+            tracing::info!(
+                rows = handle.items_written(),
+                seconds = started.elapsed().as_secs_f64(),
+                "sluice run: stopped cleanly"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "sluice run: stopped on an error; offsets are committed only up to what was written");
+            Err(e.into())
+        }
+    }
 }

@@ -159,6 +159,7 @@ struct Task {
 
 pub(crate) struct Graph {
     config: PipelineConfig,
+    pub(crate) written: Arc<std::sync::atomic::AtomicU64>,
     tasks: Mutex<Vec<Task>>,
     probes: Mutex<Vec<(Arc<str>, DepthProbe)>>,
     shutdown: Shutdown,
@@ -220,6 +221,13 @@ pub struct PipelineHandle {
 }
 
 impl PipelineHandle {
+    /// Items written by all sinks so far.
+    pub fn items_written(&self) -> u64 {
+        self.graph
+            .written
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Requests a graceful shutdown.
     pub fn shutdown(&self) {
         self.graph.shutdown.trigger();
@@ -253,6 +261,7 @@ impl Pipeline {
         Self {
             graph: Arc::new(Graph {
                 config,
+                written: Arc::new(std::sync::atomic::AtomicU64::new(0)),
                 tasks: Mutex::new(Vec::new()),
                 probes: Mutex::new(Vec::new()),
                 shutdown: Shutdown::new(),
@@ -698,6 +707,7 @@ impl<T: Send + 'static> Flow<T> {
                     input,
                     retry.clone(),
                     graph.health.clone(),
+                    graph.written.clone(),
                 ),
             );
         }

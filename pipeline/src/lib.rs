@@ -29,6 +29,7 @@
 
 pub mod ack;
 pub mod batch;
+pub mod dead_letter;
 pub mod error;
 pub mod graph;
 pub mod http;
@@ -43,6 +44,7 @@ pub mod stages;
 
 pub use ack::{AckHandle, AckSet, TopicPartition};
 pub use batch::Batch;
+pub use dead_letter::{DeadLetter, DeadLetterSink};
 pub use error::{BoxError, ErrorKind, PipelineError, SinkError};
 pub use graph::{
     Flow, FlushTrigger, Pipeline, PipelineConfig, PipelineHandle, Source, SourceContext, Stage,

@@ -348,6 +348,7 @@ pub(crate) async fn run_sink<S: Sink>(
     mut input: Input<S::Item>,
     retry: RetryPolicy,
     health: Health,
+    written: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), PipelineError> {
     let c = Counters::new(&stage);
     let errors = metrics::counter!(m::STAGE_ERRORS, "stage" => stage.to_string());
@@ -384,6 +385,7 @@ pub(crate) async fn run_sink<S: Sink>(
         latency.record(started.elapsed().as_secs_f64());
         sizes.record(batch.len() as f64);
         c.items_out.increment(batch.len() as u64);
+        written.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         batch.ack();
     }
     Ok(())

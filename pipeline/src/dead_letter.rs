@@ -1,0 +1,142 @@
+//! The dead-letter sink: records that cannot be processed go to a Kafka topic with their
+//! original key, value and headers, plus headers saying why (`error`, `error_stage`) and where
+//! they came from (`source_topic`, `source_partition`, `source_offset`). A batch counts as
+//! written once the broker acknowledged every record, so the source offsets are committed only
+//! after the dead letters are safe.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::batch::Batch;
+use crate::error::SinkError;
+use crate::kafka::KafkaRecord;
+use crate::operator::Sink;
+
+/// Metric: dead letters written (labels `stage`, `reason`).
+pub const DEAD_LETTERS: &str = "sluice_dead_letters_total";
+
+/// A record that could not be processed, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    /// The original record.
+    pub record: KafkaRecord,
+    /// What is wrong with it, for a person to read.
+    pub error: String,
+    /// The stage that refused it (`decode`, `route`, …).
+    pub stage: &'static str,
+    /// A short, low-cardinality reason for metrics (`invalid_json`, `unknown_type`, …).
+    pub reason: &'static str,
+}
+
+/// Writes dead letters to one topic.
+#[derive(Clone)]
+pub struct DeadLetterSink {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl DeadLetterSink {
+    /// A sink into `topic`; `options` are librdkafka properties (security settings and the like).
+    pub fn new(
+        brokers: &str,
+        topic: impl Into<String>,
+        options: &BTreeMap<String, String>,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000");
+        for (k, v) in options {
+            // Consumer-only properties would make the producer refuse to start.
+            if !is_consumer_only(k) {
+                config.set(k, v);
+            }
+        }
+        Ok(Self {
+            producer: config.create()?,
+            topic: topic.into(),
+        })
+    }
+
+    /// The topic written to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
+fn is_consumer_only(key: &str) -> bool {
+    key.starts_with("group.")
+        || key.starts_with("fetch.")
+        || key.starts_with("queued.")
+        || key.starts_with("auto.")
+        || key.starts_with("enable.auto")
+        || key.starts_with("enable.partition.eof")
+        || key.starts_with("partition.assignment")
+        || matches!(
+            key,
+            "session.timeout.ms"
+                | "heartbeat.interval.ms"
+                | "max.poll.interval.ms"
+                | "isolation.level"
+                | "check.crcs"
+        )
+}
+
+impl Sink for DeadLetterSink {
+    type Item = DeadLetter;
+
+    async fn write(&mut self, batch: &Batch<DeadLetter>) -> Result<(), SinkError> {
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for dl in &batch.items {
+            let r = &dl.record;
+            let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 5);
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_ref()),
+                });
+            }
+            for (k, v) in [
+                ("error", dl.error.as_str()),
+                ("error_stage", dl.stage),
+                ("source_topic", &*r.topic),
+                ("source_partition", partition.as_str()),
+                ("source_offset", offset.as_str()),
+            ] {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(headers);
+            if let Some(k) = &r.key {
+                record = record.key(k.as_ref());
+            }
+            if let Some(v) = &r.value {
+                record = record.payload(v.as_ref());
+            }
+            deliveries.push(self.producer.send(record, Duration::from_secs(30)));
+        }
+        for (dl, delivery) in batch
+            .items
+            .iter()
+            .zip(futures::future::join_all(deliveries).await)
+        {
+            delivery.map_err(|(e, _)| {
+                SinkError::transient(format!("dead-letter write to {} failed: {e}", self.topic))
+            })?;
+            metrics::counter!(DEAD_LETTERS, "stage" => dl.stage, "reason" => dl.reason)
+                .increment(1);
+        }
+        Ok(())
+    }
+}

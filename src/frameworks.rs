@@ -1,0 +1,230 @@
+//! The FrameWorks ingest pipeline: Kafka → decode and route (per the event contract) → one
+//! batcher and parallel ClickHouse inserts per table, and a dead-letter topic for what cannot be
+//! decoded or routed.
+
+use std::time::Duration;
+
+use clickhouse::{RowOwned, RowWrite};
+use sluice_pipeline::{
+    BatchLimits, DeadLetter, DeadLetterSink, Emit, Flow, KafkaRecord, KafkaSource,
+    KafkaSourceConfig, Pipeline, RetryPolicy, SinkError, Stage,
+};
+use sluice_schemas::TableRow;
+use sluice_schemas::rows::{
+    ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow,
+    TrackListRow, ViewerMetricRow,
+};
+use sluice_sinks::ClickHouseSink;
+
+use crate::config::Config;
+
+/// The tables the pipeline writes, with a sample row for the start-up schema check.
+pub async fn check_tables(client: &clickhouse::Client) -> Result<(), SinkError> {
+    ClickHouseSink::<StreamEventRow>::new(client.clone(), "stream_events")
+        .check_schema(&Default::default())
+        .await?;
+    ClickHouseSink::<ConnectionEventRow>::new(client.clone(), "connection_events")
+        .check_schema(&Default::default())
+        .await?;
+    ClickHouseSink::<StreamHealthRow>::new(client.clone(), "stream_health_metrics")
+        .check_schema(&Default::default())
+        .await?;
+    ClickHouseSink::<ViewerMetricRow>::new(client.clone(), "viewer_metrics")
+        .check_schema(&Default::default())
+        .await?;
+    ClickHouseSink::<NodeMetricRow>::new(client.clone(), "node_metrics")
+        .check_schema(&Default::default())
+        .await?;
+    ClickHouseSink::<RoutingEventRow>::new(client.clone(), "routing_events")
+        .check_schema(&Default::default())
+        .await?;
+    ClickHouseSink::<TrackListRow>::new(client.clone(), "track_list_events")
+        .check_schema(&Default::default())
+        .await?;
+    Ok(())
+}
+
+/// The ClickHouse client of the configuration.
+pub fn clickhouse_client(
+    config: &Config,
+) -> Result<clickhouse::Client, crate::config::ConfigError> {
+    Ok(clickhouse::Client::default()
+        .with_url(config.clickhouse.url()?)
+        .with_user(&config.clickhouse.user)
+        .with_password(config.clickhouse.password.expose())
+        .with_database(&config.clickhouse.database)
+        // Tables are partitioned by month and tenant: one batch may touch many partitions.
+        .with_setting("max_partitions_per_insert_block", "1000"))
+}
+
+/// The Kafka source settings of the configuration.
+pub fn source_config(
+    config: &Config,
+    drain: bool,
+) -> Result<KafkaSourceConfig, crate::config::ConfigError> {
+    let mut kafka = KafkaSourceConfig::new(
+        &config.kafka.brokers,
+        &config.kafka.group_id,
+        config.kafka.topics.clone(),
+    );
+    kafka.client = config.kafka.librdkafka_options()?;
+    kafka
+        .client
+        .entry("client.id".into())
+        .or_insert_with(|| config.kafka.client_id.clone());
+    kafka.commit_interval = Duration::from_millis(config.kafka.commit_interval_ms.max(10));
+    kafka.drain = drain;
+    Ok(kafka)
+}
+
+/// Decodes and routes one record, or says why it is a dead letter.
+pub fn process(record: KafkaRecord) -> Result<Vec<TableRow>, DeadLetter> {
+    let dead = |record: KafkaRecord, stage: &'static str, reason: &'static str, error: String| {
+        DeadLetter {
+            record,
+            error,
+            stage,
+            reason,
+        }
+    };
+    let Some(value) = record.value.as_deref() else {
+        return Err(dead(
+            record,
+            "decode",
+            "empty",
+            "record has no value".into(),
+        ));
+    };
+    let event = match sluice_schemas::Event::decode(
+        value,
+        record.header("tenant_id").map(|h| h.as_ref()),
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            let reason = match &e {
+                sluice_schemas::DecodeError::Empty => "empty",
+                sluice_schemas::DecodeError::Json(_) => "invalid_json",
+                sluice_schemas::DecodeError::NotObject(_) => "not_an_object",
+                sluice_schemas::DecodeError::Missing(_) => "missing_field",
+                sluice_schemas::DecodeError::Invalid { .. } => "invalid_field",
+                sluice_schemas::DecodeError::UnknownType(_) => "unknown_type",
+            };
+            return Err(dead(record, "decode", reason, e.to_string()));
+        }
+    };
+    sluice_operators::route(&event).map_err(|e| {
+        let reason = match &e {
+            sluice_operators::RouteError::Missing { .. } => "missing_field",
+            sluice_operators::RouteError::NotNumber { .. } => "not_a_number",
+            sluice_operators::RouteError::OutOfRange { .. } => "out_of_range",
+            sluice_operators::RouteError::Invalid { .. } => "invalid_field",
+        };
+        dead(record, "route", reason, e.to_string())
+    })
+}
+
+/// Adds the whole FrameWorks graph to `pipeline`.
+pub fn build(
+    pipeline: &Pipeline,
+    config: &Config,
+    source: KafkaSourceConfig,
+    client: clickhouse::Client,
+    dlq: DeadLetterSink,
+) {
+    let p = &config.pipeline;
+    let retry = RetryPolicy {
+        max_retries: p.max_retries,
+        max_backoff: Duration::from_millis(p.max_backoff_ms.max(1)),
+        ..RetryPolicy::default()
+    };
+    let limits = BatchLimits {
+        max_rows: p.batch_max_rows,
+        max_bytes: p.batch_max_bytes,
+        max_linger: Duration::from_millis(p.batch_linger_ms),
+    };
+    let mut split = pipeline
+        .source("kafka", KafkaSource::new(source))
+        .split(Stage::new("decode").workers(2));
+    let (stream_events, f_stream_events) = split.output::<StreamEventRow>("stream_events");
+    let (connection_events, f_connection_events) =
+        split.output::<ConnectionEventRow>("connection_events");
+    let (stream_health, f_stream_health) = split.output::<StreamHealthRow>("stream_health_metrics");
+    let (viewer_metrics, f_viewer_metrics) = split.output::<ViewerMetricRow>("viewer_metrics");
+    let (node_metrics, f_node_metrics) = split.output::<NodeMetricRow>("node_metrics");
+    let (routing_events, f_routing_events) = split.output::<RoutingEventRow>("routing_events");
+    let (track_lists, f_track_lists) = split.output::<TrackListRow>("track_list_events");
+    let (dead_letters, f_dead_letters) = split.output::<DeadLetter>("dead_letters");
+    split.run(move || {
+        move |record: KafkaRecord, out: &mut Emit| match process(record) {
+            Ok(rows) => {
+                for row in rows {
+                    match row {
+                        TableRow::StreamEvent(r) => out.push(&stream_events, r),
+                        TableRow::ConnectionEvent(r) => out.push(&connection_events, r),
+                        TableRow::StreamHealth(r) => out.push(&stream_health, r),
+                        TableRow::ViewerMetric(r) => out.push(&viewer_metrics, r),
+                        TableRow::NodeMetric(r) => out.push(&node_metrics, r),
+                        TableRow::RoutingEvent(r) => out.push(&routing_events, r),
+                        TableRow::TrackList(r) => out.push(&track_lists, r),
+                    }
+                }
+            }
+            Err(dead) => {
+                tracing::debug!(stage = dead.stage, error = %dead.error, topic = %dead.record.topic, partition = dead.record.partition, offset = dead.record.offset, "dead letter");
+                out.push(&dead_letters, dead);
+            }
+        }
+    });
+    let (c, n) = (&client, p.insert_concurrency);
+    to_table(f_stream_events, "stream_events", &limits, n, &retry, c);
+    to_table(
+        f_connection_events,
+        "connection_events",
+        &limits,
+        n,
+        &retry,
+        c,
+    );
+    to_table(
+        f_stream_health,
+        "stream_health_metrics",
+        &limits,
+        n,
+        &retry,
+        c,
+    );
+    to_table(f_viewer_metrics, "viewer_metrics", &limits, n, &retry, c);
+    to_table(f_node_metrics, "node_metrics", &limits, n, &retry, c);
+    to_table(f_routing_events, "routing_events", &limits, n, &retry, c);
+    to_table(f_track_lists, "track_list_events", &limits, n, &retry, c);
+    let dlq_limits = BatchLimits {
+        max_rows: 1_000,
+        max_bytes: 8 << 20,
+        max_linger: Duration::from_millis(100),
+    };
+    f_dead_letters
+        .batch("dead_letters.batch", dlq_limits, |d: &DeadLetter| {
+            d.record.byte_size() + d.error.len()
+        })
+        .sink(Stage::new("dead_letters").retry(retry), move || dlq.clone());
+}
+
+fn to_table<T>(
+    flow: Flow<T>,
+    table: &str,
+    limits: &BatchLimits,
+    concurrency: usize,
+    retry: &RetryPolicy,
+    client: &clickhouse::Client,
+) where
+    T: RowOwned + RowWrite + Send + Sync,
+{
+    let client = client.clone();
+    let table_name = table.to_owned();
+    // Rows are small and similar: a fixed estimate keeps the byte limit cheap to apply.
+    flow.batch(format!("{table}.batch").as_str(), limits.clone(), |_| 128)
+        .sink(
+            Stage::new(table).workers(concurrency).retry(retry.clone()),
+            move || ClickHouseSink::<T>::new(client.clone(), table_name.clone()),
+        );
+}
