@@ -78,7 +78,7 @@ pub fn source_config(
 }
 
 /// Decodes and routes one record, or says why it is a dead letter.
-pub fn process(record: KafkaRecord) -> Result<Vec<TableRow>, DeadLetter> {
+pub fn process(record: KafkaRecord) -> Result<Vec<TableRow>, Box<DeadLetter>> {
     let dead = |record: KafkaRecord, stage: &'static str, reason: &'static str, error: String| {
         DeadLetter {
             record,
@@ -171,7 +171,7 @@ pub fn build(
             }
             Err(dead) => {
                 tracing::debug!(stage = dead.stage, error = %dead.error, topic = %dead.record.topic, partition = dead.record.partition, offset = dead.record.offset, "dead letter");
-                out.push(&dead_letters, dead);
+                out.push(&dead_letters, *dead);
             }
         }
     });
