@@ -80,12 +80,12 @@ pub fn source_config(
 /// Decodes and routes one record, or says why it is a dead letter.
 pub fn process(record: KafkaRecord) -> Result<Vec<TableRow>, Box<DeadLetter>> {
     let dead = |record: KafkaRecord, stage: &'static str, reason: &'static str, error: String| {
-        DeadLetter {
+        Box::new(DeadLetter {
             record,
             error,
             stage,
             reason,
-        }
+        })
     };
     let Some(value) = record.value.as_deref() else {
         return Err(dead(
