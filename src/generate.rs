@@ -238,7 +238,7 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<u64> {
     let mut client = rdkafka::ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka.brokers);
     for (k, v) in config.kafka.librdkafka_options()? {
-        if !k.starts_with("group.") && !k.starts_with("auto.") {
+        if !sluice_pipeline::dead_letter::is_consumer_only(&k) {
             client.set(k, v);
         }
     }

@@ -71,7 +71,8 @@ impl DeadLetterSink {
     }
 }
 
-fn is_consumer_only(key: &str) -> bool {
+/// Whether a librdkafka property applies to consumers only (a producer warns about it).
+pub fn is_consumer_only(key: &str) -> bool {
     key.starts_with("group.")
         || key.starts_with("fetch.")
         || key.starts_with("queued.")
@@ -126,14 +127,13 @@ impl Sink for DeadLetterSink {
             }
             deliveries.push(self.producer.send(record, Duration::from_secs(30)));
         }
-        for (dl, delivery) in batch
-            .items
-            .iter()
-            .zip(futures::future::join_all(deliveries).await)
-        {
+        for delivery in futures::future::join_all(deliveries).await {
             delivery.map_err(|(e, _)| {
                 SinkError::transient(format!("dead-letter write to {} failed: {e}", self.topic))
             })?;
+        }
+        // Counted once the whole batch is safe, so that a retried batch is not counted twice.
+        for dl in &batch.items {
             metrics::counter!(DEAD_LETTERS, "stage" => dl.stage, "reason" => dl.reason)
                 .increment(1);
         }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The main job end to end on this machine: services up, migrate, generate 1,000,000 FrameWorks
+# events, run the worker in drain mode with a live progress line, then show what landed.
+# EVENTS=N overrides the number of events.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+EVENTS=${EVENTS:-1000000}
+RUN_ID=$(date +%s)
+export KAFKA_TOPICS=${KAFKA_TOPICS:-analytics_events_demo_$RUN_ID}
+export KAFKA_GROUP_ID=${KAFKA_GROUP_ID:-sluice-demo-$RUN_ID}
+export CLICKHOUSE_DB=${CLICKHOUSE_DB:-frameworks_demo_$RUN_ID}
+CONFIG=config/demo.toml
+
+scripts/services.sh up
+echo "== building sluice (release)"
+cargo build --release --locked --bin sluice
+SLUICE=target/release/sluice
+
+echo "== migrate"
+$SLUICE migrate --config $CONFIG
+echo "== generate $EVENTS events into $KAFKA_TOPICS"
+$SLUICE generate --config $CONFIG --events "$EVENTS" --partitions 6 --seed 42
+echo "== run --drain"
+start=$(date +%s.%N)
+LOG_LEVEL=${LOG_LEVEL:-warn} $SLUICE run --config $CONFIG --drain --progress
+end=$(date +%s.%N)
+
+q() { curl -sS --fail "http://127.0.0.1:8123/?database=$CLICKHOUSE_DB" --data-binary "$1"; }
+echo "== rows per table ($CLICKHOUSE_DB)"
+total=0
+for t in stream_events connection_events stream_health_metrics viewer_metrics node_metrics routing_events track_list_events; do
+  n=$(q "SELECT count() FROM $t")
+  total=$((total + n))
+  printf '  %-22s %9d\n' "$t" "$n"
+done
+printf '  %-22s %9d\n' "(all tables)" "$total"
+awk -v e="$EVENTS" -v s="$start" -v t="$end" 'BEGIN { printf "== %d events in %.1f s (group join included): %.0f events/s\n", e, t - s, e / (t - s) }'
+echo "== viewer_metrics_5m: busiest five-minute windows"
+q "SELECT timestamp_5m, internal_name, node_id, peak_viewers, round(avg_viewers, 2) AS avg_viewers, unique_countries, round(avg_connection_quality, 3) AS quality FROM viewer_metrics_5m ORDER BY peak_viewers DESC, avg_viewers DESC LIMIT 5 FORMAT PrettyCompactMonoBlock"
