@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde_json::{Value, json};
@@ -235,32 +233,12 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<u64> {
         .clone()
         .or_else(|| config.kafka.topics.first().cloned())
         .context("no topic configured")?;
+    crate::ensure_topic(config, &topic, opts.partitions).await?;
     let mut client = rdkafka::ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka.brokers);
     for (k, v) in config.kafka.librdkafka_options()? {
         if !sluice_pipeline::dead_letter::is_consumer_only(&k) {
             client.set(k, v);
-        }
-    }
-    let admin: AdminClient<DefaultClientContext> = client
-        .create()
-        .context("cannot create Kafka admin client")?;
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(
-                &topic,
-                opts.partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .context("create topic request failed")?;
-    for r in created {
-        if let Err((t, e)) = r
-            && e != RDKafkaErrorCode::TopicAlreadyExists
-        {
-            anyhow::bail!("cannot create topic {t}: {e}");
         }
     }
     let producer: ThreadedProducer<DefaultProducerContext> = client

@@ -298,6 +298,7 @@ async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Resu
     health.set_failing("clickhouse", false);
 
     let dlq_topic = config.kafka.dlq_topic();
+    ensure_topic(&config, &dlq_topic, 3).await?;
     let dlq = DeadLetterSink::new(
         &config.kafka.brokers,
         &dlq_topic,
@@ -345,4 +346,34 @@ async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Resu
             Err(e.into())
         }
     }
+}
+
+/// Creates `topic` unless it exists (brokers need not auto-create topics).
+async fn ensure_topic(config: &Config, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in config.kafka.librdkafka_options()? {
+        if !sluice_pipeline::dead_letter::is_consumer_only(&k) {
+            client.set(k, v);
+        }
+    }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = client
+        .create()
+        .context("cannot create Kafka admin client")?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .with_context(|| format!("cannot create topic {topic}"))?;
+    for r in results {
+        if let Err((t, e)) = r
+            && e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+        {
+            anyhow::bail!("cannot create topic {t}: {e}");
+        }
+    }
+    Ok(())
 }

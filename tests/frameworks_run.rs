@@ -1,0 +1,245 @@
+//! `sluice migrate` and `sluice run --drain` as processes against the real broker and
+//! ClickHouse: good records land in their tables, bad ones reach the dead-letter topic with
+//! their original key, value and headers plus the reason, and offsets are committed to the end.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Message};
+use sluice_testkit::{brokers, committed_offsets, create_topic, unique};
+
+const TENANT: &str = "9b2f0a7c-4d3e-4b8a-8c1d-0e5f6a7b8c9d";
+
+fn sluice(config: &PathBuf, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .env("LOG_LEVEL", "warn")
+        .env("ENABLE_HEALTH_ENDPOINT", "false");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run sluice")
+}
+
+fn good(i: usize, kind: &str, data: &str) -> String {
+    let ts = time::OffsetDateTime::now_utc() - time::Duration::seconds(600 - i as i64);
+    let ts = ts
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format");
+    format!(
+        r#"{{"id":"00000000-0000-4000-8000-{i:012}","type":"{kind}","timestamp":"{ts}","tenant_id":"{TENANT}","data":{data}}}"#
+    )
+}
+
+#[tokio::test]
+async fn run_drains_good_records_into_tables_and_bad_ones_into_the_dead_letter_topic() {
+    let topic = unique("fw_run");
+    let group = unique("fw_run_group");
+    let db = unique("fw_run_db");
+    create_topic(&topic, 3).await;
+    let config = std::env::temp_dir().join(format!("{}.toml", unique("sluice_run")));
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000\n[pipeline]\nbatch_linger_ms = 100\n",
+            brokers()
+        ),
+    )
+    .expect("write config");
+    let env = [
+        ("KAFKA_TOPICS", topic.as_str()),
+        ("KAFKA_GROUP_ID", group.as_str()),
+        ("CLICKHOUSE_DB", db.as_str()),
+    ];
+
+    let kinds = [
+        (
+            "stream-lifecycle",
+            r#"{"internal_name":"live+a","status":"live"}"#,
+            "stream_events",
+            1,
+        ),
+        (
+            "user-connection",
+            r#"{"internal_name":"live+a","action":"connect","up_bytes":"10"}"#,
+            "connection_events",
+            1,
+        ),
+        (
+            "client-lifecycle",
+            r#"{"internal_name":"live+a","packets_sent":"10"}"#,
+            "stream_health_metrics",
+            1,
+        ),
+        (
+            "node-lifecycle",
+            r#"{"node_id":"edge-1","cpu_usage":"5"}"#,
+            "node_metrics",
+            1,
+        ),
+        (
+            "load-balancing",
+            r#"{"stream_name":"live+a","score":3}"#,
+            "routing_events",
+            1,
+        ),
+        (
+            "track-list",
+            r#"{"internal_name":"live+a","track_list":"[]"}"#,
+            "track_list_events",
+            1,
+        ),
+    ];
+    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut expected: HashMap<&str, u64> = HashMap::new();
+    for i in 0..600 {
+        let (kind, data, table, rows) = kinds[i % kinds.len()];
+        records.push((format!("good-{i}"), good(i, kind, data).into_bytes()));
+        *expected.entry(table).or_default() += rows;
+        if kind == "client-lifecycle" {
+            *expected.entry("viewer_metrics").or_default() += 1;
+        }
+    }
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bad-json", b"{\"id\": ".to_vec(), "not valid JSON"),
+        ("bad-array", b"[1, 2, 3]".to_vec(), "JSON array"),
+        (
+            "bad-type",
+            good(9001, "stream-teleport", "{}").into_bytes(),
+            "unknown event type",
+        ),
+        (
+            "bad-missing",
+            good(9002, "stream-end", r#"{"status":"ended"}"#).into_bytes(),
+            "lacks `data.internal_name`",
+        ),
+        ("bad-utf8", b"\xff\xfe\xfd".to_vec(), "not valid JSON"),
+    ];
+    for (i, (key, value, _)) in bad.iter().enumerate() {
+        records.insert(100 * i + 7, (key.to_string(), value.clone()));
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    for (n, (key, value)) in records.iter().enumerate() {
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "batch_id",
+            value: Some("b-1"),
+        });
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .key(key)
+                    .payload(value)
+                    .partition((n % 3) as i32)
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .expect("send");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+
+    let out = sluice(&config, &env, &["migrate"]);
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sluice(&config, &env, &["run", "--drain"]);
+    assert!(
+        out.status.success(),
+        "run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let client = clickhouse::Client::default()
+        .with_url(
+            std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
+        )
+        .with_database(&db);
+    for (table, n) in &expected {
+        let got: u64 = client
+            .query(&format!("SELECT count() FROM {table}"))
+            .fetch_one()
+            .await
+            .expect("count");
+        assert_eq!(got, *n, "{table}");
+    }
+    let total = records.len() as i64;
+    let committed: i64 = committed_offsets(&group, &topic, 3).values().sum();
+    assert_eq!(committed, total, "committed to the end of every partition");
+
+    // The dead-letter topic holds each bad record once, with the reason and its origin.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("dlq_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    consumer
+        .subscribe(&[&format!("{topic}.dlq")])
+        .expect("subscribe");
+    let mut dead: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while dead.len() < bad.len() && std::time::Instant::now() < deadline {
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let msg = msg.expect("dead letter");
+        let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+        let mut headers = HashMap::new();
+        if let Some(hs) = msg.headers() {
+            for h in hs.iter() {
+                headers.insert(
+                    h.key.to_owned(),
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        let original = bad
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .unwrap_or_else(|| panic!("unexpected dead letter {key}"));
+        assert_eq!(
+            msg.payload().unwrap_or_default(),
+            original.1.as_slice(),
+            "{key}: original value kept"
+        );
+        assert!(dead.insert(key, headers).is_none(), "dead letter twice");
+    }
+    assert_eq!(
+        dead.len(),
+        bad.len(),
+        "every bad record is in the dead-letter topic"
+    );
+    for (key, _, reason) in &bad {
+        let h = &dead[*key];
+        assert!(h["error"].contains(reason), "{key}: {:?}", h["error"]);
+        assert!(
+            ["decode", "route"].contains(&h["error_stage"].as_str()),
+            "{key}"
+        );
+        assert_eq!(h["source_topic"], topic);
+        assert_eq!(h["batch_id"], "b-1", "{key}: original headers kept");
+        let (p, o): (i32, i64) = (
+            h["source_partition"].parse().expect("partition"),
+            h["source_offset"].parse().expect("offset"),
+        );
+        let n = records
+            .iter()
+            .position(|(k, _)| k == key)
+            .expect("produced");
+        assert_eq!(p, (n % 3) as i32, "{key}");
+        assert!(o >= 0);
+    }
+    let _ = std::fs::remove_file(config);
+}
