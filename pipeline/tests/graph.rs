@@ -389,3 +389,35 @@ async fn typed_split_sends_items_to_outputs_of_different_types() {
     );
     assert_eq!(l.committable(), Some(40));
 }
+
+/// Looks each number up "remotely" (an async operator standing in for an I/O enrichment).
+struct Lookup;
+
+impl sluice_pipeline::AsyncOperator for Lookup {
+    type In = u64;
+    type Out = u64;
+
+    async fn process(&mut self, input: Vec<u64>) -> Result<Vec<u64>, sluice_pipeline::BoxError> {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(input.into_iter().map(|i| i * 10).collect())
+    }
+}
+
+#[tokio::test]
+async fn async_operator_and_merge_of_branches() {
+    let l = ledger();
+    let sink = ScriptedSink::default();
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let looked_up = pipeline
+        .source("src", BatchSource::new(numbered(&l, 5, 10)))
+        .apply_async(Stage::new("lookup").workers(2), || Lookup);
+    let branches = looked_up.route("by-parity", 2, |i: &u64| i % 20);
+    let merged = sluice_pipeline::Flow::merge("merge", branches).expect("non-empty");
+    let s = sink.clone();
+    merged.sink("sink", move || s.clone());
+    pipeline.run().await.expect("run");
+    let mut got = sink.items();
+    got.sort_unstable();
+    assert_eq!(got, (0..50).map(|i| i * 10).collect::<Vec<_>>());
+    assert_eq!(l.committable(), Some(50));
+}
