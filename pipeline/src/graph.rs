@@ -424,6 +424,30 @@ fn spawn_queue_gauges(graph: &Arc<Graph>) {
     });
 }
 
+/// `n` (at least one) branch queues after `stage`: the outputs it writes and the flows after them.
+fn branches<T: Send + 'static>(
+    graph: &Arc<Graph>,
+    stage: &Stage,
+    n: usize,
+) -> (Vec<Output<T>>, Vec<Flow<T>>) {
+    (0..n.max(1))
+        .map(|i| {
+            let branch = Stage {
+                name: format!("{}[{i}]", stage.name).into(),
+                ..stage.clone()
+            };
+            let (tx, rx) = graph.queue(&branch);
+            (
+                Output::new(stage.name.clone(), tx),
+                Flow {
+                    rx,
+                    graph: graph.clone(),
+                },
+            )
+        })
+        .unzip()
+}
+
 /// A typed stream of batches between two stages; each adapter consumes it and adds a stage.
 #[must_use = "a flow does nothing until it ends in a sink"]
 pub struct Flow<T> {
@@ -536,22 +560,8 @@ impl<T: Send + 'static> Flow<T> {
         F: Fn(&T) -> K + Send + 'static,
     {
         let stage = stage.into();
-        let n = n.max(1);
         let graph = self.graph;
-        let mut outs = Vec::with_capacity(n);
-        let mut flows = Vec::with_capacity(n);
-        for i in 0..n {
-            let branch = Stage {
-                name: format!("{}[{i}]", stage.name).into(),
-                ..stage.clone()
-            };
-            let (tx, rx) = graph.queue(&branch);
-            outs.push(Output::new(stage.name.clone(), tx));
-            flows.push(Flow {
-                rx,
-                graph: graph.clone(),
-            });
-        }
+        let (outs, flows) = branches(&graph, &stage, n);
         graph.add_task(
             stage.name.clone(),
             false,
@@ -601,22 +611,8 @@ impl<T: Send + 'static> Flow<T> {
         T: Clone,
     {
         let stage = stage.into();
-        let n = n.max(1);
         let graph = self.graph;
-        let mut outs = Vec::with_capacity(n);
-        let mut flows = Vec::with_capacity(n);
-        for i in 0..n {
-            let branch = Stage {
-                name: format!("{}[{i}]", stage.name).into(),
-                ..stage.clone()
-            };
-            let (tx, rx) = graph.queue(&branch);
-            outs.push(Output::new(stage.name.clone(), tx));
-            flows.push(Flow {
-                rx,
-                graph: graph.clone(),
-            });
-        }
+        let (outs, flows) = branches(&graph, &stage, n);
         graph.add_task(
             stage.name.clone(),
             false,

@@ -291,29 +291,6 @@ async fn rate_limit_spaces_items_out() {
     assert_eq!(sink.items().len(), 600);
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
-    let mut buf = String::new();
-    stream.read_to_string(&mut buf).await.expect("read");
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[tokio::test]
 async fn health_and_readiness_endpoints() {
     let health = sluice_pipeline::Health::new();
@@ -321,20 +298,20 @@ async fn health_and_readiness_endpoints() {
         sluice_pipeline::http::serve("127.0.0.1:0".parse().expect("addr"), health.clone(), None)
             .await
             .expect("serve");
-    assert_eq!(http_get(addr, "/health").await.0, 200);
-    let (status, body) = http_get(addr, "/ready").await;
+    assert_eq!(sluice_testkit::http_get(addr, "/health").await.0, 200);
+    let (status, body) = sluice_testkit::http_get(addr, "/ready").await;
     assert_eq!(status, 503);
     assert!(body.contains("no partitions assigned"), "{body}");
     health.set_assigned(true);
-    assert_eq!(http_get(addr, "/ready").await.0, 200);
+    assert_eq!(sluice_testkit::http_get(addr, "/ready").await.0, 200);
     health.set_failing("clickhouse", true);
-    let (status, body) = http_get(addr, "/ready").await;
+    let (status, body) = sluice_testkit::http_get(addr, "/ready").await;
     assert_eq!(
         (status, body.contains("clickhouse failing")),
         (503, true),
         "{body}"
     );
-    assert_eq!(http_get(addr, "/metrics").await.0, 200);
+    assert_eq!(sluice_testkit::http_get(addr, "/metrics").await.0, 200);
     server.abort();
 }
 

@@ -90,7 +90,7 @@ async fn slow_sink_keeps_queues_and_memory_bounded() {
         "still a group member with partitions after 15 s: {:?}",
         handle.health().not_ready_reasons()
     );
-    let metrics = http_get(http_addr, "/metrics").await;
+    let (_, metrics) = sluice_testkit::http_get(http_addr, "/metrics").await;
     handle.shutdown();
     run.await.expect("join").expect("pipeline ok");
     for line in [
@@ -149,18 +149,4 @@ async fn slow_sink_keeps_queues_and_memory_bounded() {
             "partition {p}"
         );
     }
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
-    let mut buf = String::new();
-    stream.read_to_string(&mut buf).await.expect("read");
-    buf
 }
