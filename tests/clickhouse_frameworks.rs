@@ -347,3 +347,181 @@ async fn a_table_of_the_wrong_shape_is_refused_naming_the_column() {
         .expect_err("missing");
     assert!(!missing.is_transient(), "{missing}");
 }
+
+/// Decodes with an optional `tenant_id` header, routes, writes each row to its table.
+async fn ingest(
+    client: &Client,
+    ledger: &std::sync::Arc<PartitionLedger>,
+    next: &mut i64,
+    json: &str,
+    header: Option<&str>,
+) {
+    use sluice_schemas::rows::*;
+    let event = Event::decode(json.as_bytes(), header.map(str::as_bytes)).expect("decodes");
+    for row in route(&event).expect("routes") {
+        macro_rules! put {
+            ($ty:ty, $table:literal, $r:expr) => {{
+                let b = batch(ledger, *next, vec![$r]);
+                *next += 1;
+                ClickHouseSink::<$ty>::new(client.clone(), $table)
+                    .write(&b)
+                    .await
+                    .expect("insert");
+                b.ack();
+            }};
+        }
+        match row {
+            TableRow::StreamEvent(r) => put!(StreamEventRow, "stream_events", r),
+            TableRow::ConnectionEvent(r) => put!(ConnectionEventRow, "connection_events", r),
+            TableRow::StreamHealth(r) => put!(StreamHealthRow, "stream_health_metrics", r),
+            TableRow::ViewerMetric(r) => put!(ViewerMetricRow, "viewer_metrics", r),
+            TableRow::NodeMetric(r) => put!(NodeMetricRow, "node_metrics", r),
+            TableRow::RoutingEvent(r) => put!(RoutingEventRow, "routing_events", r),
+            TableRow::TrackList(r) => put!(TrackListRow, "track_list_events", r),
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_field_form_lands_with_every_column_as_the_contract_says() {
+    use sluice_schemas::rows::*;
+    let client = fresh_database().await;
+    let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 0));
+    let mut next = 0i64;
+    let secs = time::OffsetDateTime::now_utc().unix_timestamp() / 60 * 60 - 600;
+    let ts = |i: i64| {
+        let t = time::OffsetDateTime::from_unix_timestamp(secs + i).expect("time");
+        (
+            t.format(&time::format_description::well_known::Rfc3339)
+                .expect("format"),
+            (secs + i) as u32,
+        )
+    };
+    let (header_tenant, data_tenant) = (
+        "11111111-2222-4333-8444-555555555555",
+        "66666666-7777-4888-9999-aaaaaaaaaaaa",
+    );
+    let id =
+        |i: u32| uuid::Uuid::parse_str(&format!("00000000-0000-4000-8000-{i:012}")).expect("uuid");
+    let tenant = uuid::Uuid::parse_str(TENANT).expect("uuid");
+    let default_tenant = sluice_schemas::DEFAULT_TENANT;
+
+    // Envelope tenant, string fields, `event_id`/`event_type` spellings.
+    let (t1, s1) = ts(1);
+    ingest(&client, &ledger, &mut next, &format!(r#"{{"event_id":"{}","event_type":"stream-ingest","timestamp":"{t1}","tenant_id":"{TENANT}","data":{{"internal_name":"live+x","status":"live","node_id":"edge-2","ingest_type":"push","protocol":"srt"}}}}"#, id(1)), None).await;
+    // Tenant only in data; real JSON numbers.
+    let (t2, s2) = ts(2);
+    ingest(&client, &ledger, &mut next, &format!(r#"{{"id":"{}","type":"recording-lifecycle","timestamp":"{t2}","data":{{"internal_name":"live+x","tenant_id":"{data_tenant}","file_size":2048,"duration":30.0}}}}"#, id(2)), None).await;
+    // Tenant from the header (wins over the envelope); optional `target` missing.
+    let (t3, s3) = ts(3);
+    ingest(&client, &ledger, &mut next, &format!(r#"{{"id":"{}","type":"push-lifecycle","timestamp":"{t3}","tenant_id":"{TENANT}","data":{{"internal_name":"live+x","protocol":"rtmp"}}}}"#, id(3)), Some(header_tenant)).await;
+    // No tenant anywhere: the default; numbers as strings and reals; down_bytes missing.
+    let (t4, s4) = ts(4);
+    ingest(&client, &ledger, &mut next, &format!(r#"{{"id":"{}","type":"user-connection","timestamp":"{t4}","data":{{"internal_name":"live+x","action":"disconnect","seconds_connected":12.0,"up_bytes":"5","user_agent":"Mozilla/5.0 (☃)","connection_addr":"203.0.113.9"}}}}"#, id(4)), None).await;
+    // Booleans as numbers, floats as strings.
+    let (t5, s5) = ts(5);
+    ingest(&client, &ledger, &mut next, &format!(r#"{{"id":"{}","type":"node-lifecycle","timestamp":"{t5}","tenant_id":"{TENANT}","data":{{"node_id":"edge-9","cpu_usage":"55.5","is_healthy":1,"ram_max":"4096","ram_current":1024,"up_speed":"10","down_speed":20,"stream_count":"7"}}}}"#, id(5)), None).await;
+
+    let stream_events: Vec<StreamEventRow> = client
+        .query("SELECT ?fields FROM stream_events ORDER BY timestamp")
+        .fetch_all()
+        .await
+        .expect("select");
+    assert_eq!(
+        stream_events,
+        vec![
+            StreamEventRow {
+                event_id: id(1),
+                timestamp: s1,
+                tenant_id: tenant,
+                internal_name: "live+x".into(),
+                event_type: "stream-ingest".into(),
+                status: "live".into(),
+                node_id: "edge-2".into(),
+                ingest_type: Some("push".into()),
+                protocol: Some("srt".into()),
+                target: None,
+                file_size: None,
+                duration: None,
+                event_data: r#"{"ingest_type":"push","internal_name":"live+x","node_id":"edge-2","protocol":"srt","status":"live"}"#.into(),
+            },
+            StreamEventRow {
+                event_id: id(2),
+                timestamp: s2,
+                tenant_id: uuid::Uuid::parse_str(data_tenant).expect("uuid"),
+                internal_name: "live+x".into(),
+                event_type: "recording-lifecycle".into(),
+                status: String::new(),
+                node_id: String::new(),
+                ingest_type: None,
+                protocol: None,
+                target: None,
+                file_size: Some(2048),
+                duration: Some(30),
+                event_data: format!(r#"{{"duration":30.0,"file_size":2048,"internal_name":"live+x","tenant_id":"{data_tenant}"}}"#),
+            },
+            StreamEventRow {
+                event_id: id(3),
+                timestamp: s3,
+                tenant_id: uuid::Uuid::parse_str(header_tenant).expect("uuid"),
+                internal_name: "live+x".into(),
+                event_type: "push-lifecycle".into(),
+                status: String::new(),
+                node_id: String::new(),
+                ingest_type: None,
+                protocol: Some("rtmp".into()),
+                target: None,
+                file_size: None,
+                duration: None,
+                event_data: r#"{"internal_name":"live+x","protocol":"rtmp"}"#.into(),
+            },
+        ]
+    );
+    let conn: Vec<ConnectionEventRow> = client
+        .query("SELECT ?fields FROM connection_events")
+        .fetch_all()
+        .await
+        .expect("select");
+    assert_eq!(
+        conn,
+        vec![ConnectionEventRow {
+            event_id: id(4),
+            timestamp: s4,
+            tenant_id: default_tenant,
+            internal_name: "live+x".into(),
+            connection_addr: "203.0.113.9".into(),
+            user_agent: "Mozilla/5.0 (☃)".into(),
+            event_type: "disconnect".into(),
+            session_duration: 12,
+            bytes_transferred: 5,
+            ..Default::default()
+        }]
+    );
+    let nodes: Vec<NodeMetricRow> = client
+        .query("SELECT ?fields FROM node_metrics")
+        .fetch_all()
+        .await
+        .expect("select");
+    assert_eq!(
+        nodes,
+        vec![NodeMetricRow {
+            timestamp: s5,
+            tenant_id: tenant,
+            node_id: "edge-9".into(),
+            cpu_usage: 55.5,
+            ram_max: 4096,
+            ram_current: 1024,
+            up_speed: 10,
+            down_speed: 20,
+            stream_count: 7,
+            is_healthy: 1,
+        }]
+    );
+    // Columns the worker leaves out take their defaults.
+    let defaults: (f32, u64) = client
+        .query("SELECT memory_usage, length(tags) FROM node_metrics")
+        .fetch_one()
+        .await
+        .expect("defaults");
+    assert_eq!(defaults, (0.0, 0));
+}
