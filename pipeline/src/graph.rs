@@ -485,6 +485,26 @@ impl<T: Send + 'static> Flow<T> {
         (inputs, self.graph)
     }
 
+    /// Adds a stage of `stage.workers` tasks sharing this flow as input and one output queue;
+    /// `task` builds each worker's future.
+    fn workers<U, Fut>(
+        self,
+        stage: Stage,
+        mut task: impl FnMut(Input<T>, Output<U>) -> Fut,
+    ) -> Flow<U>
+    where
+        U: Send + 'static,
+        Fut: Future<Output = Result<(), PipelineError>> + Send + 'static,
+    {
+        let (inputs, graph) = self.input(stage.workers);
+        let (tx, rx) = graph.queue(&stage);
+        for input in inputs {
+            let out = Output::new(stage.name.clone(), tx.clone());
+            graph.add_task(stage.name.clone(), false, task(input, out));
+        }
+        Flow { rx, graph }
+    }
+
     /// Adds a synchronous operator stage; `factory` makes one operator per worker.
     pub fn apply<O, F>(self, stage: impl Into<Stage>, mut factory: F) -> Flow<O::Out>
     where
@@ -492,17 +512,10 @@ impl<T: Send + 'static> Flow<T> {
         F: FnMut() -> O,
     {
         let stage = stage.into();
-        let (inputs, graph) = self.input(stage.workers);
-        let (tx, rx) = graph.queue(&stage);
-        for input in inputs {
-            let out = Output::new(stage.name.clone(), tx.clone());
-            graph.add_task(
-                stage.name.clone(),
-                false,
-                stages::run_operator(stage.name.clone(), factory(), input, out),
-            );
-        }
-        Flow { rx, graph }
+        let name = stage.name.clone();
+        self.workers(stage, |input, out| {
+            stages::run_operator(name.clone(), factory(), input, out)
+        })
     }
 
     /// Adds an asynchronous operator stage; `factory` makes one operator per worker.
@@ -512,17 +525,10 @@ impl<T: Send + 'static> Flow<T> {
         F: FnMut() -> O,
     {
         let stage = stage.into();
-        let (inputs, graph) = self.input(stage.workers);
-        let (tx, rx) = graph.queue(&stage);
-        for input in inputs {
-            let out = Output::new(stage.name.clone(), tx.clone());
-            graph.add_task(
-                stage.name.clone(),
-                false,
-                stages::run_async_operator(stage.name.clone(), factory(), input, out),
-            );
-        }
-        Flow { rx, graph }
+        let name = stage.name.clone();
+        self.workers(stage, |input, out| {
+            stages::run_async_operator(name.clone(), factory(), input, out)
+        })
     }
 
     /// Maps every item.
