@@ -243,3 +243,54 @@ async fn run_drains_good_records_into_tables_and_bad_ones_into_the_dead_letter_t
     }
     let _ = std::fs::remove_file(config);
 }
+
+#[test]
+fn validate_redacts_secrets_and_bad_config_names_the_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("validate")
+        .env("CLICKHOUSE_PASSWORD", "ch-pass-0f5e")
+        .env(
+            "DATABASE_URL",
+            "postgres://sluice:pg-pass-77aa@127.0.0.1:5432/sluice",
+        )
+        .env("KAFKA_BROKERS", brokers())
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .expect("run validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("ch-pass-0f5e") && !text.contains("pg-pass-77aa"),
+        "{text}"
+    );
+    assert!(text.contains("clickhouse.password = \"***\""), "{text}");
+    assert!(
+        text.contains("postgres://sluice:***@127.0.0.1:5432/sluice"),
+        "{text}"
+    );
+    assert!(text.contains("postgres   ok"), "PostgreSQL reached: {text}");
+    // The local ClickHouse user has no password: the wrong one is reported, and validate fails.
+    assert!(text.contains("clickhouse FAIL"), "{text}");
+    assert!(!out.status.success());
+
+    for (var, value) in [
+        ("CLICKHOUSE_HOST", "clickhouse:9000"),
+        ("HEALTH_PORT", "eighteen"),
+        ("KAFKA_TOPICS", ","),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--drain"])
+            .env(var, value)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{var}={value} must stop the worker at start"
+        );
+        assert!(err.contains(var), "{var}={value}: {err}");
+    }
+}
