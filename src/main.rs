@@ -44,7 +44,8 @@ enum Command {
         #[arg(long)]
         progress: bool,
     },
-    /// Create the ClickHouse database and tables (idempotent, versioned) and say what was done.
+    /// Create the ClickHouse database and tables, and the PostgreSQL tables when DATABASE_URL
+    /// is set (idempotent, versioned), and say what was done.
     Migrate {
         /// TOML configuration file.
         #[arg(long, short)]
@@ -110,6 +111,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate { config } => {
             let config = load(config)?;
             for line in migrate::clickhouse(&config).await? {
+                println!("{line}");
+            }
+            for line in migrate::postgres(&config).await? {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)

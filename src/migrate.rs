@@ -63,3 +63,78 @@ pub async fn clickhouse(config: &Config) -> anyhow::Result<Vec<String>> {
     }
     Ok(report)
 }
+
+/// The PostgreSQL migrations of `schemas/`, embedded in the binary, as a source for sqlx's
+/// migrator.
+#[derive(Debug)]
+struct Embedded;
+
+impl sqlx::migrate::MigrationSource<'static> for Embedded {
+    fn resolve(
+        self,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<Vec<sqlx::migrate::Migration>, sqlx::error::BoxDynError>,
+    > {
+        Box::pin(async {
+            Ok(sluice_schemas::POSTGRES_MIGRATIONS
+                .iter()
+                .map(|(version, name, sql)| {
+                    sqlx::migrate::Migration::new(
+                        *version,
+                        std::borrow::Cow::Borrowed(*name),
+                        sqlx::migrate::MigrationType::Simple,
+                        std::borrow::Cow::Borrowed(*sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// Applies the PostgreSQL migrations with sqlx's migrator when `DATABASE_URL` is set; returns
+/// what it did.
+pub async fn postgres(config: &Config) -> anyhow::Result<Vec<String>> {
+    let Some(url) = &config.postgres.url else {
+        return Ok(vec![
+            "postgres: DATABASE_URL not set, state reduction off: nothing to migrate".into(),
+        ]);
+    };
+    let shown = crate::config::redact_url(url.expose());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url.expose())
+        .await
+        .with_context(|| format!("cannot connect to {shown}"))?;
+    let applied = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default()
+    };
+    let before = applied(pool.clone()).await;
+    let migrator = sqlx::migrate::Migrator::new(Embedded)
+        .await
+        .context("cannot load the PostgreSQL migrations")?;
+    migrator
+        .run(&pool)
+        .await
+        .context("PostgreSQL migration failed")?;
+    let after = applied(pool.clone()).await;
+    Ok(sluice_schemas::POSTGRES_MIGRATIONS
+        .iter()
+        .map(|(version, name, _)| {
+            let state = if before.contains(version) {
+                "already applied"
+            } else if after.contains(version) {
+                "applied"
+            } else {
+                "not applied"
+            };
+            format!("postgres {shown}: migration {version:04} {name} {state}")
+        })
+        .collect())
+}

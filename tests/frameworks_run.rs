@@ -294,3 +294,73 @@ fn validate_redacts_secrets_and_bad_config_names_the_key() {
         assert!(err.contains(var), "{var}={value}: {err}");
     }
 }
+
+#[tokio::test]
+async fn migrate_creates_the_postgres_tables_once() {
+    let admin_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into());
+    let db = unique("sluice_mig");
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+        .await
+        .expect("connect");
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let url = match admin_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => panic!("DATABASE_URL without a database: {admin_url}"),
+    };
+    let migrate = || {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("migrate")
+            .env("DATABASE_URL", &url)
+            .env("CLICKHOUSE_DB", &db)
+            .env("LOG_LEVEL", "warn")
+            .output()
+            .expect("run migrate")
+    };
+    let first = migrate();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let out = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(
+        out.contains("migration 0001 stream_analytics applied"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(":sluice@") || out.contains(":***@"),
+        "password redacted: {out}"
+    );
+    let second = migrate();
+    assert!(
+        String::from_utf8_lossy(&second.stdout)
+            .contains("migration 0001 stream_analytics already applied")
+    );
+
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'stream_analytics'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("columns");
+    assert_eq!(columns, 34);
+    let unique_key: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_indexes WHERE tablename = 'stream_analytics' AND indexdef LIKE '%UNIQUE%(tenant_id, internal_name)%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("index");
+    assert_eq!(unique_key, 1);
+    drop(conn);
+    sqlx::query(&format!("DROP DATABASE {db}"))
+        .execute(&mut admin)
+        .await
+        .expect("drop database");
+}

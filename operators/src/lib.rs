@@ -1,5 +1,8 @@
-//! Operators of the FrameWorks pipeline: decode, enrich and route events into table rows.
+//! Operators of the FrameWorks pipeline: decode, enrich and route events into table rows, and
+//! the `stream_analytics` reduction rules.
 
 pub mod route;
+pub mod stream_state;
 
 pub use route::{RouteError, route};
+pub use stream_state::{StreamState, state_key};

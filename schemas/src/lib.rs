@@ -13,6 +13,13 @@ pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[(
     include_str!("../sql/clickhouse/0001_frameworks_tables.sql"),
 )];
 
+/// PostgreSQL migrations for sqlx's migrator, in order: (version, name, SQL).
+pub const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "stream_analytics",
+    include_str!("../sql/postgres/0001_stream_analytics.sql"),
+)];
+
 /// The statements of a migration: comment lines dropped, split at `;`.
 pub fn sql_statements(sql: &str) -> Vec<String> {
     let code: Vec<&str> = sql
