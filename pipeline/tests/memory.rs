@@ -91,6 +91,7 @@ async fn slow_sink_keeps_queues_and_memory_bounded() {
         handle.health().not_ready_reasons()
     );
     let (_, metrics) = sluice_testkit::http_get(http_addr, "/metrics").await;
+    let written_while_running = sink.len();
     handle.shutdown();
     run.await.expect("join").expect("pipeline ok");
     for line in [
@@ -125,10 +126,11 @@ async fn slow_sink_keeps_queues_and_memory_bounded() {
     server.abort();
 
     let written = sink.len();
-    // The sink takes at most 5,000 records per 250 ms: 300,000 in 15 s.
+    // The sink takes at most 5,000 records per 250 ms: 300,000 in 15 s (plus the batch in
+    // hand); the graceful stop then writes what was queued, and still far from everything.
     assert!(
-        written <= 320_000,
-        "backpressure held the consumer back ({written} of {N} written)"
+        written_while_running <= 305_000 && written < N / 2,
+        "backpressure held the consumer back ({written_while_running} written while running, {written} of {N} in all)"
     );
     assert_eq!(
         max_depth, CAPACITY,
