@@ -7,14 +7,14 @@ use std::time::Duration;
 use clickhouse::{RowOwned, RowWrite};
 use sluice_pipeline::{
     BatchLimits, DeadLetter, DeadLetterSink, Emit, Flow, KafkaRecord, KafkaSource,
-    KafkaSourceConfig, Pipeline, RetryPolicy, SinkError, Stage,
+    KafkaSourceConfig, Pipeline, RetryPolicy, SinkError, Sourced, Stage, TopicPartition,
 };
 use sluice_schemas::TableRow;
 use sluice_schemas::rows::{
     ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow,
     TrackListRow, ViewerMetricRow,
 };
-use sluice_sinks::ClickHouseSink;
+use sluice_sinks::{ClickHouseSink, ClickHouseSpanLog, SPAN_LOG_TABLE};
 
 use crate::config::Config;
 
@@ -41,6 +41,16 @@ pub async fn check_tables(client: &clickhouse::Client) -> Result<(), SinkError> 
     ClickHouseSink::<TrackListRow>::new(client.clone(), "track_list_events")
         .check_schema(&Default::default())
         .await?;
+    client
+        .query("SELECT count() FROM ? WHERE 0")
+        .bind(clickhouse::sql::Identifier(SPAN_LOG_TABLE))
+        .fetch_one::<u64>()
+        .await
+        .map_err(|e| {
+            SinkError::permanent(format!(
+                "table `{SPAN_LOG_TABLE}` is missing or unreadable (run `sluice migrate`): {e}"
+            ))
+        })?;
     Ok(())
 }
 
@@ -144,59 +154,60 @@ pub fn build(
     };
     let mut split = pipeline
         .source("kafka", KafkaSource::new(source))
-        .split(Stage::new("decode").workers(2));
-    let (stream_events, f_stream_events) = split.output::<StreamEventRow>("stream_events");
-    let (connection_events, f_connection_events) =
-        split.output::<ConnectionEventRow>("connection_events");
-    let (stream_health, f_stream_health) = split.output::<StreamHealthRow>("stream_health_metrics");
-    let (viewer_metrics, f_viewer_metrics) = split.output::<ViewerMetricRow>("viewer_metrics");
-    let (node_metrics, f_node_metrics) = split.output::<NodeMetricRow>("node_metrics");
-    let (routing_events, f_routing_events) = split.output::<RoutingEventRow>("routing_events");
-    let (track_lists, f_track_lists) = split.output::<TrackListRow>("track_list_events");
+        .split(Stage::new("decode").workers(2))
+        // One partition's records stay in order, so each table's batches are cut along
+        // consecutive offsets (see `batch_spans`).
+        .keyed(|r: &KafkaRecord| r.partition);
+    let (stream_events, f_stream_events) = split.output("stream_events");
+    let (connection_events, f_connection_events) = split.output("connection_events");
+    let (stream_health, f_stream_health) = split.output("stream_health_metrics");
+    let (viewer_metrics, f_viewer_metrics) = split.output("viewer_metrics");
+    let (node_metrics, f_node_metrics) = split.output("node_metrics");
+    let (routing_events, f_routing_events) = split.output("routing_events");
+    let (track_lists, f_track_lists) = split.output("track_list_events");
     let (dead_letters, f_dead_letters) = split.output::<DeadLetter>("dead_letters");
     split.run(move || {
-        move |record: KafkaRecord, out: &mut Emit| match process(record) {
-            Ok(rows) => {
-                for row in rows {
-                    match row {
-                        TableRow::StreamEvent(r) => out.push(&stream_events, r),
-                        TableRow::ConnectionEvent(r) => out.push(&connection_events, r),
-                        TableRow::StreamHealth(r) => out.push(&stream_health, r),
-                        TableRow::ViewerMetric(r) => out.push(&viewer_metrics, r),
-                        TableRow::NodeMetric(r) => out.push(&node_metrics, r),
-                        TableRow::RoutingEvent(r) => out.push(&routing_events, r),
-                        TableRow::TrackList(r) => out.push(&track_lists, r),
-                    }
+        move |record: KafkaRecord, out: &mut Emit| {
+            let (tp, offset) = (
+                TopicPartition::new(record.topic.clone(), record.partition),
+                record.offset,
+            );
+            let rows = match process(record) {
+                Ok(rows) => rows,
+                Err(dead) => {
+                    tracing::debug!(stage = dead.stage, error = %dead.error, topic = %dead.record.topic, partition = dead.record.partition, offset = dead.record.offset, "dead letter");
+                    out.push(&dead_letters, *dead);
+                    return;
                 }
-            }
-            Err(dead) => {
-                tracing::debug!(stage = dead.stage, error = %dead.error, topic = %dead.record.topic, partition = dead.record.partition, offset = dead.record.offset, "dead letter");
-                out.push(&dead_letters, *dead);
+            };
+            for row in rows {
+                match row {
+                    TableRow::StreamEvent(r) => out.push(&stream_events, Sourced::new(&tp, offset, r)),
+                    TableRow::ConnectionEvent(r) => out.push(&connection_events, Sourced::new(&tp, offset, r)),
+                    TableRow::StreamHealth(r) => out.push(&stream_health, Sourced::new(&tp, offset, r)),
+                    TableRow::ViewerMetric(r) => out.push(&viewer_metrics, Sourced::new(&tp, offset, r)),
+                    TableRow::NodeMetric(r) => out.push(&node_metrics, Sourced::new(&tp, offset, r)),
+                    TableRow::RoutingEvent(r) => out.push(&routing_events, Sourced::new(&tp, offset, r)),
+                    TableRow::TrackList(r) => out.push(&track_lists, Sourced::new(&tp, offset, r)),
+                }
             }
         }
     });
-    let (c, n) = (&client, p.insert_concurrency);
-    to_table(f_stream_events, "stream_events", &limits, n, &retry, c);
-    to_table(
-        f_connection_events,
-        "connection_events",
-        &limits,
-        n,
-        &retry,
-        c,
-    );
-    to_table(
-        f_stream_health,
-        "stream_health_metrics",
-        &limits,
-        n,
-        &retry,
-        c,
-    );
-    to_table(f_viewer_metrics, "viewer_metrics", &limits, n, &retry, c);
-    to_table(f_node_metrics, "node_metrics", &limits, n, &retry, c);
-    to_table(f_routing_events, "routing_events", &limits, n, &retry, c);
-    to_table(f_track_lists, "track_list_events", &limits, n, &retry, c);
+
+    let t = Tables {
+        client,
+        group: config.kafka.group_id.as_str().into(),
+        limits,
+        concurrency: p.insert_concurrency,
+        retry: retry.clone(),
+    };
+    t.add::<StreamEventRow>(f_stream_events, "stream_events");
+    t.add::<ConnectionEventRow>(f_connection_events, "connection_events");
+    t.add::<StreamHealthRow>(f_stream_health, "stream_health_metrics");
+    t.add::<ViewerMetricRow>(f_viewer_metrics, "viewer_metrics");
+    t.add::<NodeMetricRow>(f_node_metrics, "node_metrics");
+    t.add::<RoutingEventRow>(f_routing_events, "routing_events");
+    t.add::<TrackListRow>(f_track_lists, "track_list_events");
     let dlq_limits = BatchLimits {
         max_rows: 1_000,
         max_bytes: 8 << 20,
@@ -209,22 +220,36 @@ pub fn build(
         .sink(Stage::new("dead_letters").retry(retry), move || dlq.clone());
 }
 
-fn to_table<T>(
-    flow: Flow<T>,
-    table: &str,
-    limits: &BatchLimits,
+/// What every table's batcher and sink share.
+struct Tables {
+    client: clickhouse::Client,
+    group: std::sync::Arc<str>,
+    limits: BatchLimits,
     concurrency: usize,
-    retry: &RetryPolicy,
-    client: &clickhouse::Client,
-) where
-    T: RowOwned + RowWrite + Send + Sync,
-{
-    let client = client.clone();
-    let table_name = table.to_owned();
-    // Rows are small and similar: a fixed estimate keeps the byte limit cheap to apply.
-    flow.batch(format!("{table}.batch").as_str(), limits.clone(), |_| 128)
+    retry: RetryPolicy,
+}
+
+impl Tables {
+    /// Span batcher (cuts recorded in `sluice_batch_spans`) and concurrent inserts for `table`.
+    fn add<T>(&self, flow: Flow<Sourced<T>>, table: &str)
+    where
+        T: RowOwned + RowWrite + Send + Sync,
+    {
+        let client = self.client.clone();
+        let table_name = table.to_owned();
+        let log = ClickHouseSpanLog::new(self.client.clone(), self.group.clone(), table);
+        // Rows are small and similar: a fixed estimate keeps the byte limit cheap to apply.
+        flow.batch_spans(
+            Stage::new(format!("{table}.batch")).retry(self.retry.clone()),
+            self.limits.clone(),
+            |_| 128,
+            log,
+        )
         .sink(
-            Stage::new(table).workers(concurrency).retry(retry.clone()),
+            Stage::new(table)
+                .workers(self.concurrency)
+                .retry(self.retry.clone()),
             move || ClickHouseSink::<T>::new(client.clone(), table_name.clone()),
         );
+    }
 }

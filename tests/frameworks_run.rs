@@ -364,3 +364,172 @@ async fn migrate_creates_the_postgres_tables_once() {
         .await
         .expect("drop database");
 }
+
+fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Every table's row count and a hash of all its rows, order-independent.
+async fn table_digests(db: &str) -> Vec<(String, u64, u64)> {
+    let client = clickhouse::Client::default()
+        .with_url(
+            std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
+        )
+        .with_database(db);
+    let mut out = Vec::new();
+    for table in [
+        "stream_events",
+        "connection_events",
+        "stream_health_metrics",
+        "viewer_metrics",
+        "node_metrics",
+        "routing_events",
+        "track_list_events",
+    ] {
+        let (n, digest): (u64, u64) = client
+            .query(&format!("SELECT count(), sum(cityHash64(formatRow('TSV', *))) FROM {table}"))
+            .fetch_one()
+            .await
+            .expect("digest");
+        out.push((table.to_owned(), n, digest));
+    }
+    out
+}
+
+#[tokio::test]
+async fn sigkill_between_insert_and_commit_then_restart_lands_each_event_once() {
+    let topic = unique("fw_crash");
+    let (db_ref, db) = (unique("fw_crash_ref"), unique("fw_crash_db"));
+    let (group_ref, group) = (unique("fw_crash_ref"), unique("fw_crash_group"));
+    let partitions = 3;
+    create_topic(&topic, partitions).await;
+    let config = std::env::temp_dir().join(format!("{}.toml", unique("sluice_crash")));
+    // Small batches and no periodic commit: the first worker inserts many batches and
+    // commits nothing before it is killed.
+    let write_config = |max_rows: usize, commit_ms: u64| {
+        std::fs::write(
+            &config,
+            format!(
+                "[kafka]\nbrokers = \"{}\"\ncommit_interval_ms = {commit_ms}\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000\n[pipeline]\nbatch_max_rows = {max_rows}\nbatch_linger_ms = 50\n",
+                brokers()
+            ),
+        )
+        .expect("write config");
+    };
+    write_config(5_000, 1_000);
+    let env_of = |db: &str, group: &str| -> Vec<(String, String)> {
+        vec![
+            ("KAFKA_TOPICS".into(), topic.clone()),
+            ("KAFKA_GROUP_ID".into(), group.into()),
+            ("CLICKHOUSE_DB".into(), db.into()),
+        ]
+    };
+    let (env_ref, env_crash) = (env_of(&db_ref, &group_ref), env_of(&db, &group));
+
+    let events = 20_000usize;
+    let out = sluice(
+        &config,
+        &as_refs(&env_ref),
+        &[
+            "generate",
+            "--events",
+            &events.to_string(),
+            "--partitions",
+            &partitions.to_string(),
+            "--topic",
+            &topic,
+            "--seed",
+            "11",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "generate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for env in [&env_ref, &env_crash] {
+        let out = sluice(&config, &as_refs(env), &["migrate"]);
+        assert!(
+            out.status.success(),
+            "migrate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The reference: one clean drain into its own database.
+    let out = sluice(&config, &as_refs(&env_ref), &["run", "--drain"]);
+    assert!(
+        out.status.success(),
+        "reference run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = table_digests(&db_ref).await;
+    let total_rows: u64 = reference.iter().map(|(_, n, _)| n).sum();
+    assert!(
+        total_rows as usize > events,
+        "client-lifecycle writes two rows"
+    );
+
+    // The first worker: batches of at most 700 rows, commits only every hour.
+    write_config(700, 3_600_000);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("LOG_LEVEL", "warn")
+        .env("ENABLE_HEALTH_ENDPOINT", "false")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in &env_crash {
+        cmd.env(k, v);
+    }
+    let mut worker = cmd.spawn().expect("spawn worker");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let rows: u64 = table_digests(&db).await.iter().map(|(_, n, _)| n).sum();
+        if rows >= total_rows {
+            assert_eq!(rows, total_rows, "no row twice before the crash");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first worker inserted only {rows} of {total_rows} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SIGKILL: no flush, no commit.
+    worker.kill().expect("kill");
+    worker.wait().expect("reap");
+    assert!(
+        committed_offsets(&group, &topic, partitions)
+            .values()
+            .all(|&o| o <= 0),
+        "nothing was committed before the crash"
+    );
+
+    // The restart re-reads everything, polls and batches differently (larger batches), and
+    // must cut the already-inserted batches along the recorded spans.
+    write_config(5_000, 1_000);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["run", "--drain", "--config"])
+        .arg(&config)
+        .env("LOG_LEVEL", "info")
+        .env("ENABLE_HEALTH_ENDPOINT", "false");
+    for (k, v) in &env_crash {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("restart");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "restart: {log}");
+    assert_eq!(
+        table_digests(&db).await,
+        reference,
+        "each event exactly once"
+    );
+    assert!(
+        log.contains("cutting redelivered records along recorded spans"),
+        "the restart replayed recorded spans: {log}"
+    );
+    let committed: i64 = committed_offsets(&group, &topic, partitions).values().sum();
+    assert_eq!(committed, events as i64, "committed to the end");
+    let _ = std::fs::remove_file(&config);
+}

@@ -62,16 +62,29 @@ struct LedgerState {
 #[derive(Debug)]
 pub struct PartitionLedger {
     tp: TopicPartition,
+    /// Unique per ledger, so stages can tell one assignment of a partition from the next.
+    id: u64,
+    revoked: AtomicBool,
     state: Mutex<LedgerState>,
 }
+
+static NEXT_LEDGER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl PartitionLedger {
     /// An empty ledger for `tp`.
     pub fn new(tp: TopicPartition) -> Arc<Self> {
         Arc::new(Self {
             tp,
+            id: NEXT_LEDGER_ID.fetch_add(1, Ordering::Relaxed),
+            revoked: AtomicBool::new(false),
             state: Mutex::new(LedgerState::default()),
         })
+    }
+
+    /// Marks the assignment as revoked: stages may drop what they hold of it (its records
+    /// go to the partition's next owner).
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
     }
 
     /// The partition this ledger tracks.
@@ -206,6 +219,17 @@ impl AckHandle {
     pub fn offsets(&self) -> (i64, i64) {
         (self.node.first, self.node.last)
     }
+
+    /// Identifies the assignment (ledger) the range belongs to; a partition assigned again
+    /// gets a new one.
+    pub fn assignment(&self) -> u64 {
+        self.node.ledger.id
+    }
+
+    /// Whether the partition was revoked from this assignment.
+    pub fn is_revoked(&self) -> bool {
+        self.node.ledger.revoked.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for AckHandle {
@@ -263,6 +287,11 @@ impl AckSet {
             let (a, b) = h.offsets();
             (h.topic_partition(), a, b)
         })
+    }
+
+    /// The shares held, one per source range.
+    pub fn handles(&self) -> &[AckHandle] {
+        &self.handles
     }
 
     /// Number of shares held.

@@ -2,6 +2,7 @@
 //! of the source records they derive from.
 
 use crate::ack::{AckHandle, AckSet};
+use crate::span::Span;
 
 /// A micro-batch of items with the acknowledgement shares of the records they derive from.
 ///
@@ -12,27 +13,45 @@ pub struct Batch<T> {
     /// The items, in source order within each partition.
     pub items: Vec<T>,
     acks: AckSet,
+    span: Option<Span>,
 }
 
 impl<T> Batch<T> {
     /// A batch carrying `acks`.
     pub fn new(items: Vec<T>, acks: AckSet) -> Self {
-        Self { items, acks }
+        Self {
+            items,
+            acks,
+            span: None,
+        }
     }
 
     /// A batch derived from one source range.
     pub fn from_handle(items: Vec<T>, handle: AckHandle) -> Self {
         let mut acks = AckSet::new();
         acks.push(handle);
-        Self { items, acks }
+        Self {
+            items,
+            acks,
+            span: None,
+        }
     }
 
     /// A batch that derives from no source record (tests, generated data).
     pub fn unacked(items: Vec<T>) -> Self {
-        Self {
-            items,
-            acks: AckSet::new(),
-        }
+        Self::new(items, AckSet::new())
+    }
+
+    /// The same batch marked as cut from exactly `span` (see [`Flow::batch_spans`](crate::Flow::batch_spans)).
+    pub fn with_span(mut self, span: Span) -> Self {
+        self.span = Some(span);
+        self
+    }
+
+    /// The source span the batch was cut from, if it was cut by a span batcher: its items are
+    /// exactly those derived from the span's records, in any run.
+    pub fn span(&self) -> Option<&Span> {
+        self.span.as_ref()
     }
 
     /// The acknowledgement shares.
@@ -60,6 +79,7 @@ impl<T> Batch<T> {
         Batch {
             items,
             acks: self.acks,
+            span: self.span,
         }
     }
 

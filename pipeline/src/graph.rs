@@ -591,6 +591,34 @@ impl<T: Send + 'static> Flow<T> {
         M: FnMut() -> O,
     {
         let stage = stage.into();
+        let (inputs, graph) = self.into_keyed_inputs(&stage, key);
+        let (tx, rx) = graph.queue(&stage);
+        for (i, input) in inputs.into_iter().enumerate() {
+            let name: Arc<str> = format!("{}[{i}]", stage.name).into();
+            let out = Output::new(name.clone(), tx.clone());
+            graph.add_task(
+                name.clone(),
+                false,
+                stages::run_operator(name, factory(), input, out),
+            );
+        }
+        Flow { rx, graph }
+    }
+
+    /// One input per worker of `stage`, each fed the items of its keys in order (through a
+    /// routing stage when there are several workers).
+    pub(crate) fn into_keyed_inputs<K, F>(
+        self,
+        stage: &Stage,
+        key: F,
+    ) -> (Vec<Input<T>>, Arc<Graph>)
+    where
+        K: Hash + 'static,
+        F: Fn(&T) -> K + Send + 'static,
+    {
+        if stage.workers <= 1 {
+            return self.input(1);
+        }
         let route_stage = Stage {
             name: format!("{}.route", stage.name).into(),
             workers: 1,
@@ -598,17 +626,8 @@ impl<T: Send + 'static> Flow<T> {
         };
         let branches = self.route(route_stage, stage.workers, key);
         let graph = branches[0].graph.clone();
-        let (tx, rx) = graph.queue(&stage);
-        for (i, branch) in branches.into_iter().enumerate() {
-            let name: Arc<str> = format!("{}[{i}]", stage.name).into();
-            let out = Output::new(name.clone(), tx.clone());
-            graph.add_task(
-                name.clone(),
-                false,
-                stages::run_operator(name, factory(), Input::One(branch.rx), out),
-            );
-        }
-        Flow { rx, graph }
+        let inputs = branches.into_iter().map(|b| Input::One(b.rx)).collect();
+        (inputs, graph)
     }
 
     /// Sends every batch to `n` branches (e.g. several sinks of the same items).
@@ -713,5 +732,49 @@ impl<T: Send + 'static> Flow<T> {
                 ),
             );
         }
+    }
+}
+
+impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
+    /// Cuts batches per source partition along consecutive source offsets (at
+    /// `limits.max_rows` items, after `limits.max_linger`, at a flush request; `max_bytes`
+    /// bounds what all partitions hold together) and records each cut in `log` before passing
+    /// it on. Records redelivered after a crash or rebalance are cut again along the recorded
+    /// spans, so each output batch ([`Batch::span`]) holds the same items in every run.
+    ///
+    /// Needs each partition's items in offset order (a keyed split, see [`Split::keyed`](crate::Split::keyed)).
+    pub fn batch_spans<F, L>(
+        self,
+        stage: impl Into<Stage>,
+        limits: BatchLimits,
+        size_of: F,
+        log: L,
+    ) -> Flow<T>
+    where
+        F: Fn(&T) -> usize + Send + Sync + 'static,
+        L: crate::span::SpanLog,
+    {
+        let stage = stage.into();
+        let graph = self.graph;
+        let (tx, rx) = graph.queue(&stage);
+        let batcher = crate::span::SpanBatcher {
+            stage: stage.name.clone(),
+            out: Output::new(stage.name.clone(), tx),
+            limits,
+            size_of,
+            log,
+            retry: stage
+                .retry
+                .clone()
+                .unwrap_or_else(|| graph.config.retry.clone()),
+            health: graph.health.clone(),
+        };
+        let flush = graph.flush_signal();
+        graph.add_task(
+            stage.name.clone(),
+            false,
+            batcher.run(Input::One(self.rx), flush),
+        );
+        Flow { rx, graph }
     }
 }

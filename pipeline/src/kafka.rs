@@ -300,6 +300,14 @@ impl Shared {
         *lock(&self.generation) += 1;
         lock(&self.stash).retain(|b| b.acks().ranges().all(|(tp, _, _)| !revoked.contains(tp)));
         let lost = consumer.assignment_lost();
+        {
+            let ledgers = lock(&self.ledgers);
+            for tp in revoked {
+                if let Some(l) = ledgers.get(tp) {
+                    l.revoke();
+                }
+            }
+        }
         if !lost {
             self.flush.flush();
             let deadline = Instant::now() + self.revoke_timeout;

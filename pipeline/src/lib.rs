@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod operator;
 pub mod retry;
 pub mod sources;
+pub mod span;
 pub mod split;
 pub mod stages;
 
@@ -54,5 +55,6 @@ pub use lifecycle::{Health, Shutdown, shutdown_on_signals};
 pub use operator::{AsyncOperator, Operator, Sink};
 pub use retry::RetryPolicy;
 pub use sources::BatchSource;
+pub use span::{Sourced, Span, SpanLog};
 pub use split::{Emit, Port, Split};
 pub use stages::{BatchLimits, Output};

@@ -15,6 +15,8 @@ pub const QUEUE_CAPACITY: &str = "sluice_queue_capacity";
 pub const BATCH_SIZE: &str = "sluice_batch_size";
 /// Seconds a sink took to write a batch, retries included (label `stage`).
 pub const FLUSH_SECONDS: &str = "sluice_flush_seconds";
+/// Batches a span batcher cut again along a recorded span, after a redelivery (label `stage`).
+pub const SPANS_REPLAYED: &str = "sluice_spans_replayed_total";
 /// Records fetched from Kafka (labels `topic`, `partition`).
 pub const SOURCE_RECORDS: &str = "sluice_source_records_total";
 /// Last committed offset (labels `topic`, `partition`).

@@ -1,6 +1,10 @@
 //! Capped exponential backoff with jitter for transient sink failures.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::error::{PipelineError, SinkError};
+use crate::lifecycle::Health;
 
 /// How a sink retries transient failures.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +43,61 @@ impl RetryPolicy {
             .min(self.max_backoff);
         let half = base / 2;
         half + half.mul_f64(jitter_fraction())
+    }
+}
+
+/// The retry state of one operation of a stage (a sink write, a span-log call): call
+/// [`Attempts::failed`] on each error, [`Attempts::succeeded`] once it works.
+pub(crate) struct Attempts<'a> {
+    stage: &'a Arc<str>,
+    what: &'static str,
+    policy: &'a RetryPolicy,
+    health: &'a Health,
+    retries: u32,
+}
+
+impl<'a> Attempts<'a> {
+    pub(crate) fn new(
+        stage: &'a Arc<str>,
+        what: &'static str,
+        policy: &'a RetryPolicy,
+        health: &'a Health,
+    ) -> Self {
+        Self {
+            stage,
+            what,
+            policy,
+            health,
+            retries: 0,
+        }
+    }
+
+    /// Waits the backoff when `err` is transient and the policy allows another retry (the
+    /// stage is reported failing meanwhile); otherwise gives up with the error.
+    pub(crate) async fn failed(&mut self, err: SinkError) -> Result<(), PipelineError> {
+        if !(err.is_transient() && self.policy.allows(self.retries)) {
+            return Err(PipelineError::Sink {
+                stage: self.stage.clone(),
+                attempts: self.retries + 1,
+                source: err,
+            });
+        }
+        metrics::counter!(crate::metrics::STAGE_ERRORS, "stage" => self.stage.to_string())
+            .increment(1);
+        self.health.set_failing(self.stage, true);
+        let wait = self.policy.backoff(self.retries);
+        tracing::warn!(stage = %self.stage, op = self.what, retry = self.retries + 1, wait_ms = wait.as_millis() as u64, error = %err, "failed; retrying");
+        tokio::time::sleep(wait).await;
+        self.retries += 1;
+        Ok(())
+    }
+
+    /// Clears the failing state after retries.
+    pub(crate) fn succeeded(self) {
+        if self.retries > 0 {
+            self.health.set_failing(self.stage, false);
+            tracing::info!(stage = %self.stage, op = self.what, retries = self.retries, "succeeded after retries");
+        }
     }
 }
 

@@ -87,7 +87,10 @@ pub struct Split<T> {
     stage: Stage,
     input: Flow<T>,
     outs: Vec<Box<dyn ErasedOut>>,
+    keyed: Option<KeyedInputs<T>>,
 }
+
+type KeyedInputs<T> = Box<dyn FnOnce(Flow<T>, &Stage) -> (Vec<Input<T>>, Arc<Graph>)>;
 
 impl<T: Send + 'static> Split<T> {
     pub(crate) fn new(stage: Stage, input: Flow<T>) -> Self {
@@ -96,7 +99,21 @@ impl<T: Send + 'static> Split<T> {
             stage,
             input,
             outs: Vec::new(),
+            keyed: None,
         }
+    }
+
+    /// Feeds each worker the items of its keys, in order: items with equal keys (e.g. one
+    /// partition's records) are processed in order and their outputs keep that order.
+    pub fn keyed<K, F>(mut self, key: F) -> Self
+    where
+        K: std::hash::Hash + 'static,
+        F: Fn(&T) -> K + Send + 'static,
+    {
+        self.keyed = Some(Box::new(move |flow: Flow<T>, stage: &Stage| {
+            flow.into_keyed_inputs(stage, key)
+        }));
+        self
     }
 
     /// Adds an output named `name` (for metrics and queue depths).
@@ -124,7 +141,10 @@ impl<T: Send + 'static> Split<T> {
         M: FnMut() -> F,
     {
         let outs: Arc<Vec<Box<dyn ErasedOut>>> = Arc::new(self.outs);
-        let (inputs, graph) = self.input.into_inputs(self.stage.workers);
+        let (inputs, graph) = match self.keyed {
+            Some(keyed) => keyed(self.input, &self.stage),
+            None => self.input.into_inputs(self.stage.workers),
+        };
         for input in inputs {
             let fut = run_split(
                 self.stage.name.clone(),

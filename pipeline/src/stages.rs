@@ -13,7 +13,7 @@ use crate::error::PipelineError;
 use crate::lifecycle::Health;
 use crate::metrics as m;
 use crate::operator::{AsyncOperator, Operator, Sink};
-use crate::retry::RetryPolicy;
+use crate::retry::{Attempts, RetryPolicy};
 
 /// The receiving end of a stage's input queue (shared between the workers of a stage).
 pub(crate) enum Input<T> {
@@ -311,7 +311,7 @@ async fn emit_batch<T>(
     emit(out, items, acks, c).await
 }
 
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
@@ -351,37 +351,19 @@ pub(crate) async fn run_sink<S: Sink>(
     written: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<(), PipelineError> {
     let c = Counters::new(&stage);
-    let errors = metrics::counter!(m::STAGE_ERRORS, "stage" => stage.to_string());
     let sizes = metrics::histogram!(m::BATCH_SIZE, "stage" => stage.to_string());
     let latency = metrics::histogram!(m::FLUSH_SECONDS, "stage" => stage.to_string());
     while let Some(batch) = input.recv().await {
         c.items_in.increment(batch.len() as u64);
         let started = Instant::now();
-        let mut retries = 0u32;
+        let mut attempts = Attempts::new(&stage, "sink write", &retry, &health);
         loop {
             match sink.write(&batch).await {
                 Ok(()) => break,
-                Err(e) if e.is_transient() && retry.allows(retries) => {
-                    errors.increment(1);
-                    health.set_failing(&stage, true);
-                    let wait = retry.backoff(retries);
-                    tracing::warn!(stage = %stage, retry = retries + 1, wait_ms = wait.as_millis() as u64, error = %e, "sink write failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    retries += 1;
-                }
-                Err(source) => {
-                    return Err(PipelineError::Sink {
-                        stage: stage.clone(),
-                        attempts: retries + 1,
-                        source,
-                    });
-                }
+                Err(e) => attempts.failed(e).await?,
             }
         }
-        if retries > 0 {
-            health.set_failing(&stage, false);
-            tracing::info!(stage = %stage, retries, "sink write succeeded after retries");
-        }
+        attempts.succeeded();
         latency.record(started.elapsed().as_secs_f64());
         sizes.record(batch.len() as f64);
         c.items_out.increment(batch.len() as u64);

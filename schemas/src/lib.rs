@@ -7,11 +7,18 @@ pub use event::{DEFAULT_TENANT, DecodeError, Event, EventType};
 pub use rows::TableRow;
 
 /// ClickHouse migrations in order: (version, name, SQL of `;`-separated statements).
-pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "frameworks_tables",
-    include_str!("../sql/clickhouse/0001_frameworks_tables.sql"),
-)];
+pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "frameworks_tables",
+        include_str!("../sql/clickhouse/0001_frameworks_tables.sql"),
+    ),
+    (
+        2,
+        "batch_spans",
+        include_str!("../sql/clickhouse/0002_batch_spans.sql"),
+    ),
+];
 
 /// PostgreSQL migrations for sqlx's migrator, in order: (version, name, SQL).
 pub const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(

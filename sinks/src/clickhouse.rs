@@ -1,12 +1,13 @@
 //! A generic ClickHouse batch sink: one RowBinary insert per batch through the `clickhouse`
 //! crate, with an `insert_deduplication_token` derived from the batch's source offsets, so that
-//! a retried (or replayed) insert of the same batch lands once.
+//! a retried (or replayed) insert of the same batch lands once; and [`ClickHouseSpanLog`], the
+//! record of span batches that makes replays after a crash cut the same batches.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use clickhouse::{Client, RowOwned, RowWrite};
-use sluice_pipeline::{AckSet, Batch, Sink, SinkError};
+use sluice_pipeline::{AckSet, Batch, Sink, SinkError, Span, SpanLog, TopicPartition};
 
 /// ClickHouse error codes a retry may fix: overload, timeouts, network, too many parts,
 /// memory pressure, a replica or keeper being away.
@@ -49,8 +50,21 @@ pub fn classify(err: clickhouse::error::Error) -> SinkError {
     }
 }
 
-/// The deduplication token of a batch for `table`: the table and every source range, sorted,
-/// so the same records in the same batch boundaries give the same token in any process.
+/// The deduplication token of a batch for `table`: its source span when a span batcher cut it
+/// (the same in every run, replays after a crash included), else every source range it
+/// derives from (the same for retries within one run).
+pub fn batch_token<T>(table: &str, batch: &Batch<T>) -> String {
+    match batch.span() {
+        Some(s) => format!(
+            "{table}|{}:{}:{}-{}",
+            s.tp.topic, s.tp.partition, s.first, s.last
+        ),
+        None => dedup_token(table, batch.acks()),
+    }
+}
+
+/// The deduplication token of a batch for `table` from its source ranges: the table and every
+/// range, sorted, so the same records in the same batch boundaries give the same token.
 pub fn dedup_token(table: &str, acks: &AckSet) -> String {
     let mut ranges: Vec<String> = acks
         .ranges()
@@ -129,7 +143,7 @@ where
     type Item = T;
 
     async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
-        let token = dedup_token(&self.table, batch.acks());
+        let token = batch_token(&self.table, batch);
         let mut insert = self
             .client
             .insert::<T>(&self.table)
@@ -140,6 +154,91 @@ where
             insert.write(row).await.map_err(classify)?;
         }
         insert.end().await.map_err(classify)
+    }
+}
+
+/// The span log table the migrations create.
+pub const SPAN_LOG_TABLE: &str = "sluice_batch_spans";
+
+#[derive(clickhouse::Row, serde::Serialize)]
+struct SpanRecord {
+    consumer_group: String,
+    target_table: String,
+    topic: String,
+    partition: i32,
+    first_offset: i64,
+    last_offset: i64,
+    items: u64,
+}
+
+/// A [`SpanLog`] in the ClickHouse table `sluice_batch_spans`, for one consumer group and one
+/// target table: the spans live next to the rows they describe.
+#[derive(Clone)]
+pub struct ClickHouseSpanLog {
+    client: Client,
+    group: Arc<str>,
+    table: Arc<str>,
+}
+
+impl ClickHouseSpanLog {
+    /// The log of `group`'s batches into `table`.
+    pub fn new(client: Client, group: impl Into<Arc<str>>, table: impl Into<Arc<str>>) -> Self {
+        Self {
+            client: client.with_setting("async_insert", "0"),
+            group: group.into(),
+            table: table.into(),
+        }
+    }
+}
+
+impl SpanLog for ClickHouseSpanLog {
+    async fn record(&self, spans: &[Span]) -> Result<(), SinkError> {
+        let mut insert = self
+            .client
+            .insert::<SpanRecord>(SPAN_LOG_TABLE)
+            .await
+            .map_err(classify)?;
+        for s in spans {
+            let row = SpanRecord {
+                consumer_group: self.group.to_string(),
+                target_table: self.table.to_string(),
+                topic: s.tp.topic.to_string(),
+                partition: s.tp.partition,
+                first_offset: s.first,
+                last_offset: s.last,
+                items: s.items,
+            };
+            insert.write(&row).await.map_err(classify)?;
+        }
+        insert.end().await.map_err(classify)
+    }
+
+    async fn load(&self, tp: &TopicPartition, from: i64) -> Result<Vec<Span>, SinkError> {
+        let rows: Vec<(i64, i64, u64)> = self
+            .client
+            .query(
+                "SELECT first_offset, last_offset, items FROM ? \
+                 WHERE consumer_group = ? AND target_table = ? AND topic = ? AND partition = ? \
+                 AND last_offset >= ? ORDER BY recorded_at, first_offset",
+            )
+            .bind(clickhouse::sql::Identifier(SPAN_LOG_TABLE))
+            .bind(&*self.group)
+            .bind(&*self.table)
+            .bind(&*tp.topic)
+            .bind(tp.partition)
+            .bind(from)
+            .fetch_all()
+            .await
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(first, last, items)| Span {
+                tp: tp.clone(),
+                first,
+                last,
+                items,
+            })
+            .collect())
     }
 }
 

@@ -2,4 +2,6 @@
 
 pub mod clickhouse;
 
-pub use crate::clickhouse::{ClickHouseSink, classify, dedup_token};
+pub use crate::clickhouse::{
+    ClickHouseSink, ClickHouseSpanLog, SPAN_LOG_TABLE, batch_token, classify, dedup_token,
+};
