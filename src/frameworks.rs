@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use clickhouse::{RowOwned, RowWrite};
+use sluice_operators::{StateEvent, StreamAnalytics};
 use sluice_pipeline::{
     BatchLimits, DeadLetter, DeadLetterSink, Emit, Flow, KafkaRecord, KafkaSource,
     KafkaSourceConfig, Pipeline, RetryPolicy, SinkError, Sourced, Stage, TopicPartition,
@@ -14,7 +15,8 @@ use sluice_schemas::rows::{
     ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow,
     TrackListRow, ViewerMetricRow,
 };
-use sluice_sinks::{ClickHouseSink, ClickHouseSpanLog, SPAN_LOG_TABLE};
+use sluice_sinks::{ClickHouseSink, ClickHouseSpanLog, ReducerSink, SPAN_LOG_TABLE};
+use std::sync::Arc;
 
 use crate::config::Config;
 
@@ -87,8 +89,19 @@ pub fn source_config(
     Ok(kafka)
 }
 
-/// Decodes and routes one record, or says why it is a dead letter.
-pub fn process(record: KafkaRecord) -> Result<Vec<TableRow>, Box<DeadLetter>> {
+/// What one record becomes: table rows, and its effect on `stream_analytics` when reduction
+/// is on and its type is reduced.
+#[derive(Debug, Default)]
+pub struct Processed {
+    /// ClickHouse rows.
+    pub rows: Vec<TableRow>,
+    /// The reducer's view of the event.
+    pub state: Option<StateEvent>,
+}
+
+/// Decodes and routes one record (and prepares its reduction when `reduce`), or says why it
+/// is a dead letter.
+pub fn process(record: KafkaRecord, reduce: bool) -> Result<Processed, Box<DeadLetter>> {
     let dead = |record: KafkaRecord, stage: &'static str, reason: &'static str, error: String| {
         Box::new(DeadLetter {
             record,
@@ -122,23 +135,65 @@ pub fn process(record: KafkaRecord) -> Result<Vec<TableRow>, Box<DeadLetter>> {
             return Err(dead(record, "decode", reason, e.to_string()));
         }
     };
-    sluice_operators::route(&event).map_err(|e| {
-        let reason = match &e {
-            sluice_operators::RouteError::Missing { .. } => "missing_field",
-            sluice_operators::RouteError::NotNumber { .. } => "not_a_number",
-            sluice_operators::RouteError::OutOfRange { .. } => "out_of_range",
-            sluice_operators::RouteError::Invalid { .. } => "invalid_field",
-        };
-        dead(record, "route", reason, e.to_string())
-    })
+    let rows = match sluice_operators::route(&event) {
+        Ok(rows) => rows,
+        Err(e) => {
+            let reason = match &e {
+                sluice_operators::RouteError::Missing { .. } => "missing_field",
+                sluice_operators::RouteError::NotNumber { .. } => "not_a_number",
+                sluice_operators::RouteError::OutOfRange { .. } => "out_of_range",
+                sluice_operators::RouteError::Invalid { .. } => "invalid_field",
+            };
+            return Err(dead(record, "route", reason, e.to_string()));
+        }
+    };
+    let state = if reduce {
+        match StateEvent::from_event(&event) {
+            Ok(state) => state,
+            Err(e) => return Err(dead(record, "reduce", "invalid_field", e.to_string())),
+        }
+    } else {
+        None
+    };
+    Ok(Processed { rows, state })
+}
+
+/// Checks that PostgreSQL has the reducer's tables (migrated to the current version).
+pub async fn check_postgres(pool: &sqlx::PgPool) -> Result<(), SinkError> {
+    for (table, probe) in [
+        (
+            "stream_analytics",
+            "SELECT tenant_id, internal_name, status, bitrate_kbps, track_details, node_id, total_bandwidth_gb FROM stream_analytics LIMIT 0",
+        ),
+        (
+            "sluice_applied_offsets",
+            "SELECT group_id, topic, partition, next_offset, epoch FROM sluice_applied_offsets LIMIT 0",
+        ),
+    ] {
+        sqlx::query(probe).execute(pool).await.map_err(|e| {
+            let e = sluice_sinks::classify_pg(e);
+            if e.is_transient() {
+                e
+            } else {
+                SinkError::permanent(format!(
+                    "PostgreSQL table `{table}` is missing or outdated (run `sluice migrate`): {e}"
+                ))
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Adds the whole FrameWorks graph to `pipeline`.
+///
+/// With `postgres`, events are also reduced into `stream_analytics` (one writer, batches of up
+/// to `batch_max_rows` events, exactly once through `sluice_applied_offsets`).
 pub fn build(
     pipeline: &Pipeline,
     config: &Config,
     source: KafkaSourceConfig,
     client: clickhouse::Client,
+    postgres: Option<sqlx::PgPool>,
     dlq: DeadLetterSink,
 ) {
     let p = &config.pipeline;
@@ -166,14 +221,22 @@ pub fn build(
     let (routing_events, f_routing_events) = split.output("routing_events");
     let (track_lists, f_track_lists) = split.output("track_list_events");
     let (dead_letters, f_dead_letters) = split.output::<DeadLetter>("dead_letters");
+    let reduce = postgres.is_some();
+    let (states, f_states) = match reduce {
+        true => {
+            let (port, flow) = split.output::<Sourced<StateEvent>>("stream_analytics");
+            (Some(port), Some(flow))
+        }
+        false => (None, None),
+    };
     split.run(move || {
         move |record: KafkaRecord, out: &mut Emit| {
             let (tp, offset) = (
                 TopicPartition::new(record.topic.clone(), record.partition),
                 record.offset,
             );
-            let rows = match process(record) {
-                Ok(rows) => rows,
+            let Processed { rows, state } = match process(record, reduce) {
+                Ok(p) => p,
                 Err(dead) => {
                     tracing::debug!(stage = dead.stage, error = %dead.error, topic = %dead.record.topic, partition = dead.record.partition, offset = dead.record.offset, "dead letter");
                     out.push(&dead_letters, *dead);
@@ -190,6 +253,9 @@ pub fn build(
                     TableRow::RoutingEvent(r) => out.push(&routing_events, Sourced::new(&tp, offset, r)),
                     TableRow::TrackList(r) => out.push(&track_lists, Sourced::new(&tp, offset, r)),
                 }
+            }
+            if let (Some(port), Some(state)) = (&states, state) {
+                out.push(port, Sourced::new(&tp, offset, state));
             }
         }
     });
@@ -208,6 +274,20 @@ pub fn build(
     t.add::<NodeMetricRow>(f_node_metrics, "node_metrics");
     t.add::<RoutingEventRow>(f_routing_events, "routing_events");
     t.add::<TrackListRow>(f_track_lists, "track_list_events");
+    let reducer_limits = BatchLimits {
+        max_bytes: p.batch_max_bytes,
+        ..t.limits.clone()
+    };
+    if let (Some(pool), Some(f_states)) = (postgres, f_states) {
+        let group: Arc<str> = config.kafka.group_id.as_str().into();
+        // One writer: a partition's events are applied in offset order.
+        f_states
+            .batch("stream_analytics.batch", reducer_limits, |_| 96)
+            .sink(
+                Stage::new("stream_analytics").retry(retry.clone()),
+                move || ReducerSink::new(pool.clone(), Arc::new(StreamAnalytics), group.clone()),
+            );
+    }
     let dlq_limits = BatchLimits {
         max_rows: 1_000,
         max_bytes: 8 << 20,
@@ -223,7 +303,7 @@ pub fn build(
 /// What every table's batcher and sink share.
 struct Tables {
     client: clickhouse::Client,
-    group: std::sync::Arc<str>,
+    group: Arc<str>,
     limits: BatchLimits,
     concurrency: usize,
     retry: RetryPolicy,

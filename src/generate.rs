@@ -35,6 +35,8 @@ pub struct Options {
     pub tenants: usize,
     /// Print a progress line.
     pub progress: bool,
+    /// Key records by tenant and stream (see [`Generator::key_by_stream`]).
+    pub key_by_stream: bool,
 }
 
 /// Deterministic event maker.
@@ -48,6 +50,7 @@ pub struct Generator {
     start: i64,
     span_secs: i64,
     total: u64,
+    key_by_stream: bool,
 }
 
 const EVENT_MIX: &[(&str, u32)] = &[
@@ -88,7 +91,15 @@ impl Generator {
             start: now - 3600,
             span_secs: 3600,
             total: total.max(1),
+            key_by_stream: false,
         }
+    }
+
+    /// Keys records by tenant and stream instead of by event id (the contract's producers use
+    /// the event id), so that each stream's events share a partition and have one order.
+    pub fn key_by_stream(mut self, on: bool) -> Self {
+        self.key_by_stream = on;
+        self
     }
 
     /// The tenants' ids.
@@ -125,7 +136,12 @@ impl Generator {
         if self.rng.random_bool(0.7) {
             envelope["tenant_id"] = Value::String(tenant.to_string());
         }
-        (id.to_string(), envelope.to_string(), tenant.to_string())
+        let key = if self.key_by_stream {
+            format!("{tenant}/{internal_name}")
+        } else {
+            id.to_string()
+        };
+        (key, envelope.to_string(), tenant.to_string())
     }
 
     fn pick_kind(&mut self) -> &'static str {
@@ -258,7 +274,8 @@ fn produce(
     topic: &str,
     opts: &Options,
 ) -> anyhow::Result<u64> {
-    let mut generator = Generator::new(opts.seed, opts.tenants, opts.events);
+    let mut generator =
+        Generator::new(opts.seed, opts.tenants, opts.events).key_by_stream(opts.key_by_stream);
     let started = Instant::now();
     let mut last_report = Instant::now();
     for i in 0..opts.events {

@@ -74,6 +74,10 @@ enum Command {
         /// Topic (default: the first of KAFKA_TOPICS).
         #[arg(long)]
         topic: Option<String>,
+        /// Key records by tenant and stream instead of by event id, so each stream's events
+        /// keep one order (FrameWorks' producers key by event id).
+        #[arg(long)]
+        key_by_stream: bool,
     },
     /// Check the configuration and reach every service; print the effective settings with
     /// secrets redacted. Exits non-zero if anything is wrong.
@@ -126,6 +130,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             partitions,
             tenants,
             topic,
+            key_by_stream,
         } => {
             let config = load(config)?;
             let opts = generate::Options {
@@ -136,6 +141,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 topic,
                 tenants,
                 progress: true,
+                key_by_stream,
             };
             generate::run(&config, &opts).await?;
             Ok(ExitCode::SUCCESS)
@@ -281,25 +287,24 @@ async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Resu
         None
     };
 
-    // ClickHouse may not be up yet: retry (not ready meanwhile) until it answers; a table of
-    // the wrong shape stops the worker at once.
+    // ClickHouse and PostgreSQL may not be up yet: retry (not ready meanwhile) until they
+    // answer; a table of the wrong shape stops the worker at once.
     let client = frameworks::clickhouse_client(&config)?;
-    let health = handle.health();
-    let mut attempt = 0u32;
-    loop {
-        match frameworks::check_tables(&client).await {
-            Ok(()) => break,
-            Err(e) if e.is_transient() && !handle.shutdown_signal().is_triggered() => {
-                health.set_failing("clickhouse", true);
-                let wait = RetryPolicy::default().backoff(attempt);
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "ClickHouse not reachable at start; retrying");
-                tokio::time::sleep(wait).await;
-                attempt = attempt.saturating_add(1);
-            }
-            Err(e) => anyhow::bail!("ClickHouse tables are not usable: {e}"),
+    wait_usable(&handle, "clickhouse", || frameworks::check_tables(&client)).await?;
+    let postgres = match &config.postgres.url {
+        Some(url) => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_lazy(url.expose())
+                .with_context(|| {
+                    format!("invalid DATABASE_URL {}", config::redact_url(url.expose()))
+                })?;
+            wait_usable(&handle, "postgres", || frameworks::check_postgres(&pool)).await?;
+            Some(pool)
         }
-    }
-    health.set_failing("clickhouse", false);
+        None => None,
+    };
 
     let dlq_topic = config.kafka.dlq_topic();
     ensure_topic(&config, &dlq_topic, 3).await?;
@@ -310,7 +315,7 @@ async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Resu
     )
     .context("cannot create the dead-letter producer")?;
     let source = frameworks::source_config(&config, drain)?;
-    frameworks::build(&pipeline, &config, source, client, dlq);
+    frameworks::build(&pipeline, &config, source, client, postgres, dlq);
     tracing::info!(topics = ?config.kafka.topics, group = %config.kafka.group_id, dlq = %dlq_topic, drain, "sluice run: starting");
 
     let started = std::time::Instant::now();
@@ -350,6 +355,36 @@ async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Resu
             Err(e.into())
         }
     }
+}
+
+/// Runs `check` until it passes: transient failures are retried with backoff while `/ready`
+/// reports `service` failing; a permanent one stops the worker with its message.
+async fn wait_usable<F, Fut>(
+    handle: &sluice_pipeline::PipelineHandle,
+    service: &str,
+    mut check: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), sluice_pipeline::SinkError>>,
+{
+    let health = handle.health();
+    let mut attempt = 0u32;
+    loop {
+        match check().await {
+            Ok(()) => break,
+            Err(e) if e.is_transient() && !handle.shutdown_signal().is_triggered() => {
+                health.set_failing(service, true);
+                let wait = sluice_pipeline::RetryPolicy::default().backoff(attempt);
+                tracing::warn!(service, error = %e, retry_in_ms = wait.as_millis() as u64, "not reachable at start; retrying");
+                tokio::time::sleep(wait).await;
+                attempt = attempt.saturating_add(1);
+            }
+            Err(e) => anyhow::bail!("{service} is not usable: {e}"),
+        }
+    }
+    health.set_failing(service, false);
+    Ok(())
 }
 
 /// Creates `topic` unless it exists (brokers need not auto-create topics).

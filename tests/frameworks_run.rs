@@ -3,7 +3,6 @@
 //! their original key, value and headers plus the reason, and offsets are committed to the end.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,20 +12,10 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Message};
 use sluice_testkit::{brokers, committed_offsets, create_topic, unique};
 
-const TENANT: &str = "9b2f0a7c-4d3e-4b8a-8c1d-0e5f6a7b8c9d";
+mod common;
+use common::{as_refs, sluice, table_digests};
 
-fn sluice(config: &PathBuf, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.args(args)
-        .arg("--config")
-        .arg(config)
-        .env("LOG_LEVEL", "warn")
-        .env("ENABLE_HEALTH_ENDPOINT", "false");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run sluice")
-}
+const TENANT: &str = "9b2f0a7c-4d3e-4b8a-8c1d-0e5f6a7b8c9d";
 
 fn good(i: usize, kind: &str, data: &str) -> String {
     let ts = time::OffsetDateTime::now_utc() - time::Duration::seconds(600 - i as i64);
@@ -297,20 +286,12 @@ fn validate_redacts_secrets_and_bad_config_names_the_key() {
 
 #[tokio::test]
 async fn migrate_creates_the_postgres_tables_once() {
-    let admin_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into());
-    let db = unique("sluice_mig");
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
-        .await
-        .expect("connect");
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut admin)
-        .await
-        .expect("create database");
-    let url = match admin_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => panic!("DATABASE_URL without a database: {admin_url}"),
-    };
+    let url = sluice_testkit::create_pg_database("sluice_mig").await;
+    let db = url
+        .rsplit_once('/')
+        .expect("url with a database")
+        .1
+        .to_owned();
     let migrate = || {
         Command::new(env!("CARGO_BIN_EXE_sluice"))
             .arg("migrate")
@@ -359,41 +340,7 @@ async fn migrate_creates_the_postgres_tables_once() {
     .expect("index");
     assert_eq!(unique_key, 1);
     drop(conn);
-    sqlx::query(&format!("DROP DATABASE {db}"))
-        .execute(&mut admin)
-        .await
-        .expect("drop database");
-}
-
-fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}
-
-/// Every table's row count and a hash of all its rows, order-independent.
-async fn table_digests(db: &str) -> Vec<(String, u64, u64)> {
-    let client = clickhouse::Client::default()
-        .with_url(
-            std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        )
-        .with_database(db);
-    let mut out = Vec::new();
-    for table in [
-        "stream_events",
-        "connection_events",
-        "stream_health_metrics",
-        "viewer_metrics",
-        "node_metrics",
-        "routing_events",
-        "track_list_events",
-    ] {
-        let (n, digest): (u64, u64) = client
-            .query(&format!("SELECT count(), sum(cityHash64(formatRow('TSV', *))) FROM {table}"))
-            .fetch_one()
-            .await
-            .expect("digest");
-        out.push((table.to_owned(), n, digest));
-    }
-    out
+    sluice_testkit::drop_pg_database(&url).await;
 }
 
 #[tokio::test]

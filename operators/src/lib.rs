@@ -2,7 +2,9 @@
 //! the `stream_analytics` reduction rules.
 
 pub mod route;
+pub mod stream_analytics;
 pub mod stream_state;
 
 pub use route::{RouteError, route};
-pub use stream_state::{StreamState, state_key};
+pub use stream_analytics::StreamAnalytics;
+pub use stream_state::{Change, StateError, StateEvent, StreamKey, StreamState, state_key};

@@ -152,6 +152,7 @@ impl Source for KafkaSource {
         let name = ctx.name.clone();
         let shared = Arc::new(Shared {
             ledgers: Mutex::new(HashMap::new()),
+            paused: std::sync::atomic::AtomicBool::new(false),
             stash: Mutex::new(VecDeque::new()),
             committed: Mutex::new(HashMap::new()),
             drain: Mutex::new(HashMap::new()),
@@ -225,6 +226,9 @@ struct Shared {
     drain: Mutex<HashMap<TopicPartition, DrainTarget>>,
     /// Bumped on every rebalance: messages polled across one are discarded, not issued.
     generation: Mutex<u64>,
+    /// Whether fetching is paused for backpressure. librdkafka keeps a partition's pause
+    /// across rebalances, so partitions assigned later are set to match it.
+    paused: std::sync::atomic::AtomicBool,
     flush: FlushTrigger,
     health: Health,
     revoke_timeout: Duration,
@@ -347,6 +351,15 @@ impl Shared {
                     .or_insert_with(|| PartitionLedger::new(tp.clone()));
                 tpl.add_partition(&tp.topic, tp.partition);
             }
+        }
+        let paused = self.paused.load(std::sync::atomic::Ordering::Relaxed);
+        let r = if paused {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        if let Err(e) = r {
+            tracing::warn!(source = %self.name, error = %e, paused, "cannot set the pause state of assigned partitions");
         }
         // Where each partition starts (its committed offset), for drain mode and lag.
         let starts = consumer
@@ -517,6 +530,9 @@ impl Worker {
         match r {
             Ok(()) => {
                 self.paused = pause;
+                self.shared
+                    .paused
+                    .store(pause, std::sync::atomic::Ordering::Relaxed);
                 metrics::gauge!(m::SOURCE_PAUSED).set(if pause { 1.0 } else { 0.0 });
                 tracing::debug!(source = %self.shared.name, pause, "fetching paused/resumed for backpressure");
             }

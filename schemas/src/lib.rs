@@ -21,11 +21,18 @@ pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[
 ];
 
 /// PostgreSQL migrations for sqlx's migrator, in order: (version, name, SQL).
-pub const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "stream_analytics",
-    include_str!("../sql/postgres/0001_stream_analytics.sql"),
-)];
+pub const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "stream_analytics",
+        include_str!("../sql/postgres/0001_stream_analytics.sql"),
+    ),
+    (
+        2,
+        "partition_epochs",
+        include_str!("../sql/postgres/0002_partition_epochs.sql"),
+    ),
+];
 
 /// The statements of a migration: comment lines dropped, split at `;`.
 pub fn sql_statements(sql: &str) -> Vec<String> {

@@ -20,6 +20,43 @@ pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// The PostgreSQL server's URL (`DATABASE_URL`, default the local `sluice` database).
+pub fn postgres_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into())
+}
+
+/// Creates a new, empty PostgreSQL database named after `prefix`; returns its URL.
+pub async fn create_pg_database(prefix: &str) -> String {
+    use sqlx::Connection;
+    let admin_url = postgres_url();
+    let db = unique(prefix);
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    match admin_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => panic!("DATABASE_URL without a database: {admin_url}"),
+    }
+}
+
+/// Drops a database made by [`create_pg_database`] (its connections are closed first).
+pub async fn drop_pg_database(url: &str) {
+    use sqlx::Connection;
+    let db = url.rsplit_once('/').expect("url with a database").1;
+    let mut admin = sqlx::PgConnection::connect(&postgres_url())
+        .await
+        .expect("connect to PostgreSQL");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("drop database");
+}
+
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
@@ -80,6 +117,69 @@ pub fn produce(topic: &str, partitions: i32, n: usize, value: impl Fn(usize) -> 
     producer
         .flush(Duration::from_secs(60))
         .expect("flush producer");
+}
+
+/// A record read back by [`read_all`].
+#[derive(Clone, Debug)]
+pub struct ReadRecord {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Vec<u8>,
+    /// Value.
+    pub value: Vec<u8>,
+    /// Headers (name, value).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads `n` records of `topic` from the beginning of its `partitions` (no consumer group);
+/// per partition, in offset order.
+pub fn read_all(topic: &str, partitions: i32, n: usize) -> Vec<ReadRecord> {
+    use rdkafka::Message;
+    use rdkafka::message::Headers;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {n} records",
+            out.len()
+        );
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let msg = msg.expect("record");
+        let headers = msg
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(ReadRecord {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().unwrap_or_default().to_vec(),
+            value: msg.payload().unwrap_or_default().to_vec(),
+            headers,
+        });
+    }
+    out
 }
 
 /// The offsets `group` has committed on `topic`, per partition (partitions without a

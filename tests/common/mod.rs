@@ -1,0 +1,108 @@
+//! Helpers of the process-level tests: run `sluice`, write configs, read ClickHouse back.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub const TABLES: [&str; 7] = [
+    "stream_events",
+    "connection_events",
+    "stream_health_metrics",
+    "viewer_metrics",
+    "node_metrics",
+    "routing_events",
+    "track_list_events",
+];
+
+/// `sluice ARGS --config CONFIG` with `env`, quiet logs and no health endpoint.
+pub fn sluice(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    command(config, env, args, "warn")
+        .output()
+        .expect("run sluice")
+}
+
+/// The `sluice` command line, not started.
+pub fn command(config: &Path, env: &[(&str, &str)], args: &[&str], log: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .env("LOG_LEVEL", log)
+        .env("ENABLE_HEALTH_ENDPOINT", "false");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// A `sluice run` worker in the background, its output discarded.
+pub fn spawn_worker(config: &Path, env: &[(&str, &str)]) -> Child {
+    command(config, env, &["run"], "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker")
+}
+
+/// Asserts that a process ended well, showing its stderr otherwise.
+pub fn assert_ok(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A config file for the local broker with fast group joins (a member is dropped
+/// `session_ms` after it dies) and `kafka_extra` and `pipeline` settings.
+pub fn write_config(path: &Path, session_ms: u32, kafka_extra: &str, pipeline: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n\"session.timeout.ms\" = {session_ms}\n\"heartbeat.interval.ms\" = {}\n{kafka_extra}\n[pipeline]\n{pipeline}\n",
+            sluice_testkit::brokers(),
+            session_ms / 6,
+        ),
+    )
+    .expect("write config");
+}
+
+/// A temporary config path.
+pub fn config_path(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{}.toml", sluice_testkit::unique(prefix)))
+}
+
+pub fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// A ClickHouse client on `db`.
+pub fn clickhouse(db: &str) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(
+            std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
+        )
+        .with_database(db)
+}
+
+/// Every table's row count and a hash of all its rows, order-independent.
+pub async fn table_digests(db: &str) -> Vec<(String, u64, u64)> {
+    let client = clickhouse(db);
+    let mut out = Vec::new();
+    for table in TABLES {
+        let (n, digest): (u64, u64) = client
+            .query(&format!(
+                "SELECT count(), sum(cityHash64(formatRow('TSV', *))) FROM {table}"
+            ))
+            .fetch_one()
+            .await
+            .expect("digest");
+        out.push((table.to_owned(), n, digest));
+    }
+    out
+}
+
+/// Rows in all tables.
+pub async fn total_rows(db: &str) -> u64 {
+    table_digests(db).await.iter().map(|(_, n, _)| n).sum()
+}
