@@ -291,7 +291,12 @@ pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() ->
 
 /// Resident set size of this process, in bytes (Linux).
 pub fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_of("self")
+}
+
+/// Resident set size of process `pid` ("self" for this one), in bytes (0 if unknown).
+pub fn rss_of(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

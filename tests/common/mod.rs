@@ -1,6 +1,8 @@
 //! Helpers of the process-level tests: run `sluice`, write configs, read ClickHouse back.
 #![allow(dead_code)]
 
+pub mod analytics;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -105,4 +107,13 @@ pub async fn table_digests(db: &str) -> Vec<(String, u64, u64)> {
 /// Rows in all tables.
 pub async fn total_rows(db: &str) -> u64 {
     table_digests(db).await.iter().map(|(_, n, _)| n).sum()
+}
+
+/// Asks process `pid` to stop gracefully (SIGTERM).
+pub fn sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
 }
