@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on this machine: services up, migrate, generate 1,000,000 FrameWorks
 # events, run the worker in drain mode with a live progress line, then show what landed.
-# EVENTS=N overrides the number of events.
+# EVENTS=N overrides the number of events. Stream state is reduced into a fresh PostgreSQL
+# database (DATABASE_URL overrides it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,6 +14,11 @@ export CLICKHOUSE_DB=${CLICKHOUSE_DB:-frameworks_demo_$RUN_ID}
 CONFIG=config/demo.toml
 
 scripts/services.sh up
+if [[ -z "${DATABASE_URL:-}" ]]; then
+  PG_ADMIN=postgres://sluice:sluice@127.0.0.1:5432/sluice
+  psql -q "$PG_ADMIN" -c "CREATE DATABASE sluice_demo_$RUN_ID"
+  export DATABASE_URL=postgres://sluice:sluice@127.0.0.1:5432/sluice_demo_$RUN_ID
+fi
 echo "== building sluice (release)"
 cargo build --release --locked --bin sluice
 SLUICE=target/release/sluice
@@ -38,3 +44,5 @@ printf '  %-22s %9d\n' "(all tables)" "$total"
 awk -v e="$EVENTS" -v s="$start" -v t="$end" 'BEGIN { printf "== %d events in %.1f s (group join included): %.0f events/s\n", e, t - s, e / (t - s) }'
 echo "== viewer_metrics_5m: busiest five-minute windows"
 q "SELECT timestamp_5m, internal_name, node_id, peak_viewers, round(avg_viewers, 2) AS avg_viewers, unique_countries, round(avg_connection_quality, 3) AS quality FROM viewer_metrics_5m ORDER BY peak_viewers DESC, avg_viewers DESC LIMIT 5 FORMAT PrettyCompactMonoBlock"
+echo "== stream_analytics: top streams by peak viewers"
+psql -q "$DATABASE_URL" -c "SELECT left(tenant_id::text, 8) AS tenant, internal_name, status, current_viewers AS viewers, peak_viewers AS peak, total_connections AS connections, round(total_bandwidth_gb, 3) AS gb, node_id, last_updated FROM stream_analytics ORDER BY peak_viewers DESC, total_connections DESC LIMIT 8"
