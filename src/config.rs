@@ -250,6 +250,14 @@ pub struct PipelineSettings {
     pub drain_deadline_secs: u64,
     /// Cluster id written to `usage_records`.
     pub cluster_id: String,
+    /// `usage_records` window length, seconds.
+    pub usage_window_secs: u64,
+    /// How far behind the latest event time a usage event may be and still join its window,
+    /// seconds; later ones are counted in one more row for that window.
+    pub usage_lateness_secs: u64,
+    /// A usage window still open after this many seconds of wall time closes anyway (idle
+    /// partitions).
+    pub usage_max_open_secs: u64,
 }
 
 impl Default for PipelineSettings {
@@ -264,6 +272,9 @@ impl Default for PipelineSettings {
             max_backoff_ms: 10_000,
             drain_deadline_secs: 30,
             cluster_id: "default".into(),
+            usage_window_secs: 60,
+            usage_lateness_secs: 30,
+            usage_max_open_secs: 150,
         }
     }
 }
@@ -438,6 +449,11 @@ impl Config {
             ("pipeline.batch_max_rows", p.batch_max_rows),
             ("pipeline.batch_max_bytes", p.batch_max_bytes),
             ("pipeline.insert_concurrency", p.insert_concurrency),
+            ("pipeline.usage_window_secs", p.usage_window_secs as usize),
+            (
+                "pipeline.usage_max_open_secs",
+                p.usage_max_open_secs as usize,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -522,6 +538,18 @@ impl Config {
             p.drain_deadline_secs.to_string(),
         );
         line("pipeline.cluster_id", quote(&p.cluster_id));
+        line(
+            "pipeline.usage_window_secs",
+            p.usage_window_secs.to_string(),
+        );
+        line(
+            "pipeline.usage_lateness_secs",
+            p.usage_lateness_secs.to_string(),
+        );
+        line(
+            "pipeline.usage_max_open_secs",
+            p.usage_max_open_secs.to_string(),
+        );
         line("health.enabled", self.health.enabled.to_string());
         line("health.port", self.health.port.to_string());
         line("log.level", quote(&self.log.level));

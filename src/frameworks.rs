@@ -5,12 +5,14 @@
 use std::time::Duration;
 
 use clickhouse::{RowOwned, RowWrite};
-use sluice_operators::{StateEvent, StreamAnalytics};
+use sluice_operators::{StateEvent, StreamAnalytics, UsageFact, UsageWindows};
+use sluice_pipeline::WindowSpec;
 use sluice_pipeline::{
     BatchLimits, DeadLetter, DeadLetterSink, Emit, Flow, KafkaRecord, KafkaSource,
     KafkaSourceConfig, Pipeline, RetryPolicy, SinkError, Sourced, Stage, TopicPartition,
 };
 use sluice_schemas::TableRow;
+use sluice_schemas::rows::UsageRow;
 use sluice_schemas::rows::{
     ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow,
     TrackListRow, ViewerMetricRow,
@@ -41,6 +43,9 @@ pub async fn check_tables(client: &clickhouse::Client) -> Result<(), SinkError> 
         .check_schema(&Default::default())
         .await?;
     ClickHouseSink::<TrackListRow>::new(client.clone(), "track_list_events")
+        .check_schema(&Default::default())
+        .await?;
+    ClickHouseSink::<UsageRow>::new(client.clone(), "usage_records")
         .check_schema(&Default::default())
         .await?;
     client
@@ -97,6 +102,8 @@ pub struct Processed {
     pub rows: Vec<TableRow>,
     /// The reducer's view of the event.
     pub state: Option<StateEvent>,
+    /// Its usage figures, for `usage_records`.
+    pub usage: Vec<UsageFact>,
 }
 
 /// Decodes and routes one record (and prepares its reduction when `reduce`), or says why it
@@ -155,7 +162,8 @@ pub fn process(record: KafkaRecord, reduce: bool) -> Result<Processed, Box<DeadL
     } else {
         None
     };
-    Ok(Processed { rows, state })
+    let usage = sluice_operators::usage_facts(&event);
+    Ok(Processed { rows, state, usage })
 }
 
 /// Checks that PostgreSQL has the reducer's tables (migrated to the current version).
@@ -221,6 +229,7 @@ pub fn build(
     let (routing_events, f_routing_events) = split.output("routing_events");
     let (track_lists, f_track_lists) = split.output("track_list_events");
     let (dead_letters, f_dead_letters) = split.output::<DeadLetter>("dead_letters");
+    let (usage_facts, f_usage) = split.output::<Sourced<UsageFact>>("usage_records");
     let reduce = postgres.is_some();
     let (states, f_states) = match reduce {
         true => {
@@ -235,7 +244,7 @@ pub fn build(
                 TopicPartition::new(record.topic.clone(), record.partition),
                 record.offset,
             );
-            let Processed { rows, state } = match process(record, reduce) {
+            let Processed { rows, state, usage } = match process(record, reduce) {
                 Ok(p) => p,
                 Err(dead) => {
                     tracing::debug!(stage = dead.stage, error = %dead.error, topic = %dead.record.topic, partition = dead.record.partition, offset = dead.record.offset, "dead letter");
@@ -257,6 +266,9 @@ pub fn build(
             if let (Some(port), Some(state)) = (&states, state) {
                 out.push(port, Sourced::new(&tp, offset, state));
             }
+            for fact in usage {
+                out.push(&usage_facts, Sourced::new(&tp, offset, fact));
+            }
         }
     });
 
@@ -274,6 +286,30 @@ pub fn build(
     t.add::<NodeMetricRow>(f_node_metrics, "node_metrics");
     t.add::<RoutingEventRow>(f_routing_events, "routing_events");
     t.add::<TrackListRow>(f_track_lists, "track_list_events");
+    let spec = WindowSpec {
+        length: Duration::from_secs(p.usage_window_secs.max(1)),
+        allowed_lateness: Duration::from_secs(p.usage_lateness_secs),
+        max_open: Duration::from_secs(p.usage_max_open_secs.max(1)),
+    };
+    let usage = UsageWindows {
+        cluster_id: p.cluster_id.clone(),
+        window_secs: p.usage_window_secs,
+    };
+    let usage_log = ClickHouseSpanLog::new(t.client.clone(), t.group.clone(), "usage_records");
+    let usage_client = t.client.clone();
+    f_usage
+        .window(
+            Stage::new("usage_records.window").retry(retry.clone()),
+            spec,
+            usage,
+            usage_log,
+        )
+        .sink(
+            Stage::new("usage_records")
+                .workers(p.insert_concurrency)
+                .retry(retry.clone()),
+            move || ClickHouseSink::<UsageRow>::new(usage_client.clone(), "usage_records"),
+        );
     let reducer_limits = BatchLimits {
         max_bytes: p.batch_max_bytes,
         ..t.limits.clone()

@@ -189,7 +189,11 @@ fn main() {
             sluice.push(started.elapsed());
 
             // Both designs must end in the same state, or the comparison means nothing.
-            assert_eq!(state(&go_pool).await, state(&pool).await, "same final state");
+            assert_eq!(
+                state(&go_pool).await,
+                state(&pool).await,
+                "same final state"
+            );
             for (p, u) in [(go_pool, go_url), (pool, url)] {
                 p.close().await;
                 sluice_testkit::drop_pg_database(&u).await;

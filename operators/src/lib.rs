@@ -4,7 +4,9 @@
 pub mod route;
 pub mod stream_analytics;
 pub mod stream_state;
+pub mod usage;
 
 pub use route::{RouteError, route};
 pub use stream_analytics::StreamAnalytics;
 pub use stream_state::{Change, StateError, StateEvent, StreamKey, StreamState, state_key};
+pub use usage::{USAGE_TYPES, UsageFact, UsageWindows, usage_facts};

@@ -81,8 +81,8 @@ impl PartitionLedger {
         })
     }
 
-    /// Marks the assignment as revoked: stages may drop what they hold of it (its records
-    /// go to the partition's next owner).
+    /// Marks the assignment as over (revoked and committed, or lost): stages must drop what
+    /// they still hold of it, since its records now belong to the partition's next owner.
     pub fn revoke(&self) {
         self.revoked.store(true, Ordering::Release);
     }
@@ -143,6 +143,12 @@ impl PartitionLedger {
             let r = st.ranges.pop_front().expect("front exists");
             st.committable = Some(r.last + 1);
         }
+    }
+
+    /// One past the last offset handed out, if any was.
+    pub fn issued_until(&self) -> Option<i64> {
+        let st = self.lock();
+        st.ranges.back().map(|r| r.last + 1).or(st.committable)
     }
 
     /// The offset to commit (one past the highest contiguously acknowledged offset), if any.
@@ -226,7 +232,7 @@ impl AckHandle {
         self.node.ledger.id
     }
 
-    /// Whether the partition was revoked from this assignment.
+    /// Whether this assignment is over (see [`PartitionLedger::revoke`]).
     pub fn is_revoked(&self) -> bool {
         self.node.ledger.revoked.load(Ordering::Acquire)
     }

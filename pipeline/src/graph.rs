@@ -736,6 +736,47 @@ impl<T: Send + 'static> Flow<T> {
 }
 
 impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
+    /// Aggregates items into event-time tumbling windows per source partition (see
+    /// [`crate::window`]): each window's rows leave as one batch whose [`Batch::span`] names
+    /// the partition, window and records it was cut from, recorded in `log` first, so a
+    /// deduplicating sink writes every window row exactly once across crashes and rebalances.
+    ///
+    /// Needs each partition's items in offset order (a keyed split).
+    pub fn window<A, L>(
+        self,
+        stage: impl Into<Stage>,
+        spec: crate::window::WindowSpec,
+        agg: A,
+        log: L,
+    ) -> Flow<A::Out>
+    where
+        A: crate::window::WindowAggregate<In = T>,
+        L: crate::span::SpanLog,
+    {
+        let stage = stage.into();
+        let graph = self.graph;
+        let (tx, rx) = graph.queue(&stage);
+        let windower = crate::window::Windower {
+            stage: stage.name.clone(),
+            out: Output::new(stage.name.clone(), tx),
+            spec,
+            agg,
+            log,
+            retry: stage
+                .retry
+                .clone()
+                .unwrap_or_else(|| graph.config.retry.clone()),
+            health: graph.health.clone(),
+        };
+        let flush = graph.flush_signal();
+        graph.add_task(
+            stage.name.clone(),
+            false,
+            windower.run(Input::One(self.rx), flush),
+        );
+        Flow { rx, graph }
+    }
+
     /// Cuts batches per source partition along consecutive source offsets (at
     /// `limits.max_rows` items, after `limits.max_linger`, at a flush request; `max_bytes`
     /// bounds what all partitions hold together) and records each cut in `log` before passing

@@ -195,6 +195,7 @@ impl Source for KafkaSource {
                     handle,
                     paused: false,
                     interned: HashMap::new(),
+                    drain_flushed: std::cell::Cell::new(None),
                 };
                 let result = worker.run();
                 let _ = done_tx.send(result);
@@ -304,14 +305,6 @@ impl Shared {
         *lock(&self.generation) += 1;
         lock(&self.stash).retain(|b| b.acks().ranges().all(|(tp, _, _)| !revoked.contains(tp)));
         let lost = consumer.assignment_lost();
-        {
-            let ledgers = lock(&self.ledgers);
-            for tp in revoked {
-                if let Some(l) = ledgers.get(tp) {
-                    l.revoke();
-                }
-            }
-        }
         if !lost {
             self.flush.flush();
             let deadline = Instant::now() + self.revoke_timeout;
@@ -321,7 +314,13 @@ impl Shared {
                     .iter()
                     .all(|tp| ledgers.get(tp).is_none_or(|l| l.settled()))
             };
+            let mut flushed = Instant::now();
             while !settled() && Instant::now() < deadline {
+                // Records still on their way reach stages after the first flush: ask again.
+                if flushed.elapsed() >= Duration::from_millis(250) {
+                    self.flush.flush();
+                    flushed = Instant::now();
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
             if !settled() {
@@ -333,7 +332,11 @@ impl Shared {
         let mut drain = lock(&self.drain);
         let mut committed = lock(&self.committed);
         for tp in revoked {
-            ledgers.remove(tp);
+            // From here on the partition is the next owner's: stages drop what they still
+            // hold of it instead of writing it (it would be written twice).
+            if let Some(l) = ledgers.remove(tp) {
+                l.revoke();
+            }
             drain.remove(tp);
             committed.remove(tp);
         }
@@ -434,6 +437,8 @@ struct Worker {
     handle: tokio::runtime::Handle,
     paused: bool,
     interned: HashMap<String, Arc<str>>,
+    /// Drain mode: when the stages were last asked to flush, everything being handed out.
+    drain_flushed: std::cell::Cell<Option<Instant>>,
 }
 
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(50);
@@ -677,15 +682,35 @@ impl Worker {
             return false;
         }
         let mut drain = lock(&self.shared.drain);
-        ledgers.iter().all(|(tp, ledger)| {
+        let mut fetched = true;
+        let done = ledgers.iter().all(|(tp, ledger)| {
             let target = drain.entry(tp.clone()).or_default();
             if target.end.is_none() {
                 target.end = self.watermark(tp);
             }
-            let Some(end) = target.end else { return false };
+            let Some(end) = target.end else {
+                fetched = false;
+                return false;
+            };
+            let start = target.start.unwrap_or(0);
+            fetched &= ledger.issued_until().unwrap_or(start) >= end;
             let pos = ledger.committable().or(target.start).unwrap_or(0);
             ledger.outstanding() == 0 && pos >= end
-        })
+        });
+        // Everything to drain is handed out: stages that hold items until more arrive
+        // (windows waiting for their watermark) are asked to flush, again every 250 ms while
+        // the last items are still on their way to them.
+        if fetched
+            && !done
+            && self
+                .drain_flushed
+                .get()
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
+        {
+            self.drain_flushed.set(Some(Instant::now()));
+            self.shared.flush.flush();
+        }
+        done
     }
 }
 

@@ -42,6 +42,7 @@ pub mod sources;
 pub mod span;
 pub mod split;
 pub mod stages;
+pub mod window;
 
 pub use ack::{AckHandle, AckSet, TopicPartition};
 pub use batch::Batch;
@@ -58,3 +59,4 @@ pub use sources::BatchSource;
 pub use span::{Sourced, Span, SpanLog};
 pub use split::{Emit, Port, Split};
 pub use stages::{BatchLimits, Output};
+pub use window::{WindowAggregate, WindowSpec};

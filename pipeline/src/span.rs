@@ -52,6 +52,9 @@ pub struct Span {
     pub last: i64,
     /// Items in the batch.
     pub items: u64,
+    /// Which sub-stream of the partition the span cuts (the window start for window spans);
+    /// 0 for plain span batches.
+    pub key: i64,
 }
 
 /// Where a span batcher records its cuts (before the batches are written) and finds them
@@ -181,10 +184,12 @@ where
                 biased;
                 changed = flush.changed(), if flush_open => {
                     flush_open = changed.is_ok();
+                    state.purge_revoked();
                     let cuts = state.flush(false);
                     self.emit(cuts).await?;
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    state.purge_revoked();
                     let cuts = state.lingered(Instant::now());
                     self.emit(cuts).await?;
                 }
@@ -206,15 +211,24 @@ where
         metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.stage.to_string())
             .increment(batch.len() as u64);
         state.seq += 1;
+        state.purge_revoked();
         let (items, acks) = batch.into_parts();
+        // Records of an assignment that is over belong to the partition's next owner.
+        let over: Vec<&TopicPartition> = acks
+            .handles()
+            .iter()
+            .filter(|h| h.is_revoked())
+            .map(|h| h.topic_partition())
+            .collect();
         // A partition seen under a new assignment: finish what is held of the old one, then
         // load the spans recorded past the new assignment's start.
         for h in acks.handles() {
             let tp = h.topic_partition();
-            if state
-                .parts
-                .get(tp)
-                .is_some_and(|p| p.assignment == h.assignment())
+            if h.is_revoked()
+                || state
+                    .parts
+                    .get(tp)
+                    .is_some_and(|p| p.assignment == h.assignment())
             {
                 continue;
             }
@@ -241,6 +255,9 @@ where
         }
         let mut cuts = Vec::new();
         for Sourced { tp, offset, item } in items {
+            if over.contains(&&tp) {
+                continue;
+            }
             let size = (self.size_of)(&item);
             state.push(&tp, offset, item, size, &acks, &self.limits, &mut cuts);
         }
@@ -297,6 +314,19 @@ struct State<T> {
 }
 
 impl<T> State<T> {
+    /// Drops what is held of assignments that are over: never written, so never twice.
+    fn purge_revoked(&mut self) {
+        let bytes = &mut self.bytes;
+        self.parts.retain(|tp, p| {
+            let keep = !p.is_revoked();
+            if !keep && !p.rows.is_empty() {
+                *bytes -= p.bytes;
+                tracing::debug!(partition = %tp, rows = p.rows.len(), "dropped rows of a revoked assignment; the next owner writes them");
+            }
+            keep
+        });
+    }
+
     fn take(&mut self, tp: &TopicPartition, replay: Option<Span>) -> Option<Cut<T>> {
         let part = self.parts.get_mut(tp)?;
         take(part, tp, replay, &mut self.bytes)
@@ -454,6 +484,7 @@ fn take<T>(
                 first: part.first,
                 last: part.last,
                 items,
+                key: 0,
             },
             false,
         ),
@@ -467,7 +498,7 @@ fn take<T>(
 }
 
 /// Shares of the acknowledgements in `acks` that belong to `tp`.
-fn shares_of(acks: &AckSet, tp: &TopicPartition) -> AckSet {
+pub(crate) fn shares_of(acks: &AckSet, tp: &TopicPartition) -> AckSet {
     let mut set = AckSet::new();
     for h in acks.handles() {
         if h.topic_partition() == tp {
@@ -666,6 +697,7 @@ mod tests {
             first: 0,
             last: 9,
             items: 10,
+            key: 0,
         };
         let mut state = State {
             parts: HashMap::new(),
@@ -697,6 +729,7 @@ mod tests {
             first,
             last,
             items: 1,
+            key: 0,
         };
         let plan = replay_plan(vec![s(10, 19), s(0, 9), s(5, 14), s(10, 19), s(20, 20)]);
         let got: Vec<(i64, i64)> = plan.iter().map(|p| (p.first, p.last)).collect();

@@ -18,6 +18,11 @@ pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[
         "batch_spans",
         include_str!("../sql/clickhouse/0002_batch_spans.sql"),
     ),
+    (
+        3,
+        "span_keys",
+        include_str!("../sql/clickhouse/0003_span_keys.sql"),
+    ),
 ];
 
 /// PostgreSQL migrations for sqlx's migrator, in order: (version, name, SQL).

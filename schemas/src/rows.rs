@@ -223,6 +223,42 @@ pub struct TrackListRow {
     pub track_count: u16,
 }
 
+/// `usage_records`: one usage figure of one tenant for one window.
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct UsageRow {
+    /// Window start.
+    pub timestamp: u32,
+    /// Tenant.
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub tenant_id: Uuid,
+    /// The worker's cluster (`pipeline.cluster_id`).
+    pub cluster_id: String,
+    /// `viewer_seconds`, `egress_bytes`, `ingress_bytes` or `connections`.
+    pub usage_type: String,
+    /// The figure.
+    pub usage_value: f64,
+    /// First day of the window's month.
+    #[serde(with = "clickhouse::serde::time::date")]
+    pub billing_month: time::Date,
+    /// How the figure was made (JSON).
+    pub usage_details: String,
+}
+
+impl Default for UsageRow {
+    fn default() -> Self {
+        Self {
+            timestamp: 0,
+            tenant_id: Uuid::nil(),
+            cluster_id: String::new(),
+            usage_type: String::new(),
+            usage_value: 0.0,
+            billing_month: time::Date::from_calendar_date(1970, time::Month::January, 1)
+                .expect("valid date"),
+            usage_details: String::new(),
+        }
+    }
+}
+
 /// One row for one of the tables, as the router produces it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TableRow {

@@ -55,6 +55,10 @@ pub fn classify(err: clickhouse::error::Error) -> SinkError {
 /// derives from (the same for retries within one run).
 pub fn batch_token<T>(table: &str, batch: &Batch<T>) -> String {
     match batch.span() {
+        Some(s) if s.key != 0 => format!(
+            "{table}|{}:{}:{}:{}-{}",
+            s.tp.topic, s.tp.partition, s.key, s.first, s.last
+        ),
         Some(s) => format!(
             "{table}|{}:{}:{}-{}",
             s.tp.topic, s.tp.partition, s.first, s.last
@@ -169,6 +173,7 @@ struct SpanRecord {
     first_offset: i64,
     last_offset: i64,
     items: u64,
+    span_key: i64,
 }
 
 /// A [`SpanLog`] in the ClickHouse table `sluice_batch_spans`, for one consumer group and one
@@ -207,6 +212,7 @@ impl SpanLog for ClickHouseSpanLog {
                 first_offset: s.first,
                 last_offset: s.last,
                 items: s.items,
+                span_key: s.key,
             };
             insert.write(&row).await.map_err(classify)?;
         }
@@ -214,10 +220,10 @@ impl SpanLog for ClickHouseSpanLog {
     }
 
     async fn load(&self, tp: &TopicPartition, from: i64) -> Result<Vec<Span>, SinkError> {
-        let rows: Vec<(i64, i64, u64)> = self
+        let rows: Vec<(i64, i64, u64, i64)> = self
             .client
             .query(
-                "SELECT first_offset, last_offset, items FROM ? \
+                "SELECT first_offset, last_offset, items, span_key FROM ? \
                  WHERE consumer_group = ? AND target_table = ? AND topic = ? AND partition = ? \
                  AND last_offset >= ? ORDER BY recorded_at, first_offset",
             )
@@ -232,11 +238,12 @@ impl SpanLog for ClickHouseSpanLog {
             .map_err(classify)?;
         Ok(rows
             .into_iter()
-            .map(|(first, last, items)| Span {
+            .map(|(first, last, items, key)| Span {
                 tp: tp.clone(),
                 first,
                 last,
                 items,
+                key,
             })
             .collect())
     }

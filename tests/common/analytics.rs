@@ -68,20 +68,18 @@ fn text(v: Option<&Value>) -> Option<String> {
 }
 
 /// The reference: every record of every partition, in offset order, by the contract's rules.
-fn reference(topic: &str, partitions: i32, events: usize) -> BTreeMap<Key, Row> {
+/// Usage per (tenant, usage type): what `usage_records` must sum to.
+type Usage = BTreeMap<(String, String), f64>;
+
+fn reference(topic: &str, partitions: i32, events: usize) -> (BTreeMap<Key, Row>, Usage) {
     let mut rows: BTreeMap<Key, Row> = BTreeMap::new();
+    let mut usage = Usage::new();
     let mut records = read_all(topic, partitions, events);
     records.sort_by_key(|r| (r.partition, r.offset));
     for r in records {
         let v: Value = serde_json::from_slice(&r.value).expect("generated JSON");
         let data = &v["data"];
         let kind = v["type"].as_str().unwrap_or_default();
-        let Some(name) = data["internal_name"].as_str() else {
-            continue;
-        };
-        if !["stream-lifecycle", "user-connection", "stream-end"].contains(&kind) {
-            continue;
-        }
         let tenant = r
             .headers
             .iter()
@@ -89,6 +87,26 @@ fn reference(topic: &str, partitions: i32, events: usize) -> BTreeMap<Key, Row> 
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
             .or_else(|| v["tenant_id"].as_str().map(str::to_owned))
             .expect("tenant");
+        if kind == "user-connection" {
+            let mut add = |t: &str, n: i64| {
+                *usage.entry((tenant.clone(), t.to_owned())).or_default() += n as f64;
+            };
+            match data["action"].as_str() {
+                Some("connect") => add("connections", 1),
+                Some("disconnect") => {
+                    add("viewer_seconds", num(data.get("seconds_connected")));
+                    add("egress_bytes", num(data.get("down_bytes")));
+                    add("ingress_bytes", num(data.get("up_bytes")));
+                }
+                _ => {}
+            }
+        }
+        let Some(name) = data["internal_name"].as_str() else {
+            continue;
+        };
+        if !["stream-lifecycle", "user-connection", "stream-end"].contains(&kind) {
+            continue;
+        }
         let at = OffsetDateTime::parse(v["timestamp"].as_str().expect("ts"), &Rfc3339)
             .expect("RFC 3339");
         let at = (at.unix_timestamp_nanos() / 1_000) as i64;
@@ -129,7 +147,8 @@ fn reference(topic: &str, partitions: i32, events: usize) -> BTreeMap<Key, Row> 
         }
         row.last_updated = Some(at);
     }
-    rows
+    usage.retain(|_, v| *v > 0.0);
+    (rows, usage)
 }
 
 /// `stream_analytics` as stored, in the reference's terms.
@@ -220,7 +239,10 @@ impl Setup {
             ("DATABASE_URL".to_owned(), pg_url.clone()),
         ];
         let config = config_path("sluice_sa");
-        write_config(&config, session_ms, "", pipeline);
+        // Live runs end with their last usage windows open: close them after 5 s of quiet
+        // rather than the default 150 s, so the tail is committed soon.
+        let pipeline = format!("{pipeline}\nusage_max_open_secs = 5");
+        write_config(&config, session_ms, "", &pipeline);
         assert_ok("migrate", &sluice(&config, &as_refs(&env), &["migrate"]));
         let (events_s, partitions_s, rate_s) =
             (events.to_string(), partitions.to_string(), rate.to_string());
@@ -271,12 +293,31 @@ impl Setup {
     }
 
     pub async fn assert_exact(&self) {
-        let want = reference(&self.topic, self.partitions, self.events);
+        let (want, want_usage) = reference(&self.topic, self.partitions, self.events);
         let got = stored(&self.pg_url).await;
         assert_eq!(got.len(), want.len(), "streams");
         for (k, w) in &want {
             assert_eq!(got.get(k), Some(w), "stream {k:?}");
         }
+        let usage: Vec<(String, String, f64)> = super::clickhouse(self.db())
+            .query(
+                "SELECT toString(tenant_id), usage_type, sum(usage_value) FROM usage_records \
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .fetch_all()
+            .await
+            .expect("usage");
+        let got_usage: Usage = usage.into_iter().map(|(t, u, v)| ((t, u), v)).collect();
+        assert_eq!(got_usage, want_usage, "usage_records sums");
+        let odd: u64 = super::clickhouse(self.db())
+            .query(
+                "SELECT count() FROM usage_records WHERE billing_month != toStartOfMonth(timestamp) \
+                 OR cluster_id != 'default' OR toSecond(timestamp) != 0",
+            )
+            .fetch_one()
+            .await
+            .expect("usage columns");
+        assert_eq!(odd, 0, "billing_month, cluster_id and minute windows");
         let committed: i64 = committed_offsets(&self.group, &self.topic, self.partitions)
             .values()
             .sum();

@@ -1,0 +1,735 @@
+//! Event-time tumbling windows over span-logged cuts: per source partition and window, items
+//! are aggregated by key; a window closes when the partition's watermark (the latest event
+//! time seen, minus the allowed lateness) passes its end, or after a wall-clock bound. Late
+//! items are never dropped: they open the window again and close it at once, as one more row
+//! per key. Each cut is recorded in a [`SpanLog`] before it moves on (key = window start), so
+//! records redelivered after a crash are cut into the same windows at the same places and a
+//! deduplicating sink writes each window row once.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::ack::{AckSet, TopicPartition};
+use crate::batch::Batch;
+use crate::error::PipelineError;
+use crate::lifecycle::Health;
+use crate::metrics as m;
+use crate::retry::{Attempts, RetryPolicy};
+use crate::span::{Sourced, Span, SpanLog, replay_plan, shares_of};
+use crate::stages::{Input, Output, sleep_until_opt};
+
+/// How items aggregate into window rows.
+pub trait WindowAggregate: Send + Sync + 'static {
+    /// What is aggregated.
+    type In: Send + 'static;
+    /// Rows of one window are per key (e.g. tenant and usage type).
+    type Key: Hash + Eq + Clone + Send;
+    /// The running aggregate of one key in one window.
+    type Acc: Default + Send;
+    /// A finished row.
+    type Out: Send + 'static;
+
+    /// The item's event time, seconds since the epoch.
+    fn event_time(&self, item: &Self::In) -> i64;
+
+    /// The item's key.
+    fn key(&self, item: &Self::In) -> Self::Key;
+
+    /// Adds the item to its key's aggregate.
+    fn add(&self, acc: &mut Self::Acc, item: &Self::In);
+
+    /// The row of `key` for the window starting at `window_start`.
+    fn finish(&self, window_start: i64, key: Self::Key, acc: Self::Acc) -> Self::Out;
+}
+
+/// Window length, lateness and the wall-clock bound.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WindowSpec {
+    /// Tumbling window length (whole seconds, at least one).
+    pub length: Duration,
+    /// How far behind the latest event time an item may be and still join its open window.
+    pub allowed_lateness: Duration,
+    /// A window open this long (wall clock) closes even if the watermark has not passed it
+    /// (an idle partition).
+    pub max_open: Duration,
+}
+
+impl Default for WindowSpec {
+    fn default() -> Self {
+        Self {
+            length: Duration::from_secs(60),
+            allowed_lateness: Duration::from_secs(30),
+            max_open: Duration::from_secs(150),
+        }
+    }
+}
+
+/// The aggregates of one window of one partition since its last cut.
+struct Pane<K, A> {
+    accs: HashMap<K, A>,
+    first: i64,
+    last: i64,
+    items: u64,
+    acks: AckSet,
+    acks_seq: u64,
+    opened: Instant,
+}
+
+impl<K, A> Pane<K, A> {
+    fn new(offset: i64) -> Self {
+        Self {
+            accs: HashMap::new(),
+            first: offset,
+            last: offset,
+            items: 0,
+            acks: AckSet::new(),
+            acks_seq: 0,
+            opened: Instant::now(),
+        }
+    }
+
+    fn holds(&self, span: &Span) -> bool {
+        span.first <= self.first && self.first <= span.last
+    }
+}
+
+/// One partition under one assignment.
+struct Part<K, A> {
+    assignment: u64,
+    /// Latest event time seen.
+    max_time: i64,
+    panes: BTreeMap<i64, Pane<K, A>>,
+    /// Recorded spans still to cut again, per window, in offset order.
+    plans: HashMap<i64, VecDeque<Span>>,
+}
+
+impl<K, A> Part<K, A> {
+    fn replaying(&self, window: i64) -> Option<&Span> {
+        let pane = self.panes.get(&window)?;
+        self.plans.get(&window)?.front().filter(|p| pane.holds(p))
+    }
+
+    fn is_revoked(&self) -> bool {
+        self.panes
+            .values()
+            .any(|p| p.acks.handles().iter().any(|h| h.is_revoked()))
+    }
+}
+
+struct Cut<O> {
+    rows: Vec<O>,
+    acks: AckSet,
+    span: Span,
+    replay: bool,
+}
+
+/// The window task behind [`Flow::window`](crate::Flow::window).
+pub(crate) struct Windower<A: WindowAggregate, L> {
+    pub(crate) stage: Arc<str>,
+    pub(crate) out: Output<A::Out>,
+    pub(crate) spec: WindowSpec,
+    pub(crate) agg: A,
+    pub(crate) log: L,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) health: Health,
+}
+
+struct State<K, A> {
+    parts: HashMap<TopicPartition, Part<K, A>>,
+    seq: u64,
+    length: i64,
+    lateness: i64,
+}
+
+impl<K, A> State<K, A> {
+    /// Drops what is held of assignments that are over: never written, so never twice.
+    fn purge_revoked(&mut self) {
+        self.parts.retain(|tp, p| {
+            let keep = !p.is_revoked();
+            if !keep {
+                tracing::debug!(partition = %tp, windows = p.panes.len(), "dropped windows of a revoked assignment; the next owner writes them");
+            }
+            keep
+        });
+    }
+}
+
+impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
+    pub(crate) async fn run(
+        self,
+        mut input: Input<Sourced<A::In>>,
+        mut flush: watch::Receiver<u64>,
+    ) -> Result<(), PipelineError> {
+        let mut state: State<A::Key, A::Acc> = State {
+            parts: HashMap::new(),
+            seq: 0,
+            length: self.spec.length.as_secs().max(1) as i64,
+            lateness: self.spec.allowed_lateness.as_secs() as i64,
+        };
+        let mut flush_open = true;
+        loop {
+            let deadline = state
+                .parts
+                .values()
+                .flat_map(|part| {
+                    part.panes
+                        .iter()
+                        .filter(|(w, _)| part.replaying(**w).is_none())
+                        .map(|(_, p)| p.opened + self.spec.max_open)
+                })
+                .min();
+            tokio::select! {
+                biased;
+                changed = flush.changed(), if flush_open => {
+                    flush_open = changed.is_ok();
+                    state.purge_revoked();
+                    let cuts = self.flush(&mut state, false);
+                    self.emit(cuts).await?;
+                }
+                _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    state.purge_revoked();
+                    let cuts = self.close_idle(&mut state, Instant::now());
+                    self.emit(cuts).await?;
+                }
+                next = input.recv() => match next {
+                    Some(batch) => self.on_input(&mut state, batch).await?,
+                    None => break,
+                },
+            }
+        }
+        let cuts = self.flush(&mut state, true);
+        self.emit(cuts).await
+    }
+
+    async fn on_input(
+        &self,
+        state: &mut State<A::Key, A::Acc>,
+        batch: Batch<Sourced<A::In>>,
+    ) -> Result<(), PipelineError> {
+        metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.stage.to_string())
+            .increment(batch.len() as u64);
+        state.seq += 1;
+        state.purge_revoked();
+        let (items, acks) = batch.into_parts();
+        // Records of an assignment that is over belong to the partition's next owner.
+        let over: Vec<&TopicPartition> = acks
+            .handles()
+            .iter()
+            .filter(|h| h.is_revoked())
+            .map(|h| h.topic_partition())
+            .collect();
+        for h in acks.handles() {
+            let tp = h.topic_partition();
+            if h.is_revoked()
+                || state
+                    .parts
+                    .get(tp)
+                    .is_some_and(|p| p.assignment == h.assignment())
+            {
+                continue;
+            }
+            if let Some(mut old) = state.parts.remove(tp) {
+                let cuts = self.retire(tp, &mut old);
+                self.emit(cuts).await?;
+            }
+            let from = h.offsets().0;
+            let mut attempts = Attempts::new(&self.stage, "load spans", &self.retry, &self.health);
+            let recorded = loop {
+                match self.log.load(tp, from).await {
+                    Ok(spans) => break spans,
+                    Err(e) => attempts.failed(e).await?,
+                }
+            };
+            attempts.succeeded();
+            let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
+            for span in recorded {
+                by_window.entry(span.key).or_default().push(span);
+            }
+            let plans: HashMap<i64, VecDeque<Span>> = by_window
+                .into_iter()
+                .map(|(w, spans)| (w, replay_plan(spans)))
+                .collect();
+            if !plans.is_empty() {
+                tracing::info!(stage = %self.stage, partition = %tp, from, windows = plans.len(), "cutting redelivered records along recorded window spans");
+            }
+            state.parts.insert(
+                tp.clone(),
+                Part {
+                    assignment: h.assignment(),
+                    max_time: i64::MIN,
+                    panes: BTreeMap::new(),
+                    plans,
+                },
+            );
+        }
+        let mut cuts = Vec::new();
+        for Sourced { tp, offset, item } in items {
+            if !over.contains(&&tp) {
+                self.push(state, &tp, offset, item, &acks, &mut cuts);
+            }
+        }
+        self.after_input(state, &mut cuts);
+        acks.release();
+        self.emit(cuts).await
+    }
+
+    fn push(
+        &self,
+        state: &mut State<A::Key, A::Acc>,
+        tp: &TopicPartition,
+        offset: i64,
+        item: A::In,
+        acks: &AckSet,
+        cuts: &mut Vec<Cut<A::Out>>,
+    ) {
+        let t = self.agg.event_time(&item);
+        let window = t.div_euclid(state.length) * state.length;
+        let seq = state.seq;
+        let part = state.parts.entry(tp.clone()).or_insert_with(|| Part {
+            // Items that no acknowledgement covers (tests, generated data).
+            assignment: 0,
+            max_time: i64::MIN,
+            panes: BTreeMap::new(),
+            plans: HashMap::new(),
+        });
+        part.max_time = part.max_time.max(t);
+        if part.plans.contains_key(&window) {
+            // Recorded spans of this window that end before this record are complete.
+            while let Some(plan) = part.plans.get_mut(&window).and_then(|q| {
+                let done = q.front().is_some_and(|p| p.last < offset);
+                done.then(|| q.pop_front()).flatten()
+            }) {
+                if part.panes.get(&window).is_some_and(|p| p.holds(&plan)) {
+                    cuts.extend(self.take(part, tp, window, Some(plan)));
+                }
+            }
+            let in_plan = part
+                .plans
+                .get(&window)
+                .and_then(VecDeque::front)
+                .is_some_and(|p| p.first <= offset);
+            if in_plan && part.replaying(window).is_none() {
+                // Free rows of this window before a recorded span starts.
+                cuts.extend(self.take(part, tp, window, None));
+            }
+        }
+        let pane = part
+            .panes
+            .entry(window)
+            .or_insert_with(|| Pane::new(offset));
+        if pane.acks_seq != seq {
+            pane.acks.merge(shares_of(acks, tp));
+            pane.acks_seq = seq;
+        }
+        self.agg
+            .add(pane.accs.entry(self.agg.key(&item)).or_default(), &item);
+        pane.last = offset;
+        pane.items += 1;
+    }
+
+    /// After a whole input: recorded spans whose last record arrived are cut; windows the
+    /// watermark has passed are closed.
+    fn after_input(&self, state: &mut State<A::Key, A::Acc>, cuts: &mut Vec<Cut<A::Out>>) {
+        let (length, lateness) = (state.length, state.lateness);
+        for (tp, part) in state.parts.iter_mut() {
+            let windows: Vec<i64> = part.panes.keys().copied().collect();
+            let watermark = part.max_time.saturating_sub(lateness);
+            for w in windows {
+                match part.replaying(w).cloned() {
+                    Some(plan) if part.panes[&w].last >= plan.last => {
+                        part.plans.get_mut(&w).map(VecDeque::pop_front);
+                        cuts.extend(self.take(part, tp, w, Some(plan)));
+                    }
+                    Some(_) => {}
+                    None if w + length <= watermark => {
+                        cuts.extend(self.take(part, tp, w, None));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn close_idle(&self, state: &mut State<A::Key, A::Acc>, now: Instant) -> Vec<Cut<A::Out>> {
+        let mut cuts = Vec::new();
+        for (tp, part) in state.parts.iter_mut() {
+            let due: Vec<i64> = part
+                .panes
+                .iter()
+                .filter(|(w, p)| {
+                    part.replaying(**w).is_none() && p.opened + self.spec.max_open <= now
+                })
+                .map(|(w, _)| *w)
+                .collect();
+            for w in due {
+                cuts.extend(self.take(part, tp, w, None));
+            }
+        }
+        cuts
+    }
+
+    /// A flush request or the end: every free window is cut; a recorded span not yet
+    /// complete waits, or is dropped (its records redelivered) when its partition was revoked
+    /// or the input ended.
+    fn flush(&self, state: &mut State<A::Key, A::Acc>, end: bool) -> Vec<Cut<A::Out>> {
+        let mut cuts = Vec::new();
+        let mut dropped = Vec::new();
+        for (tp, part) in state.parts.iter_mut() {
+            let windows: Vec<i64> = part.panes.keys().copied().collect();
+            let give_up = end || part.is_revoked();
+            for w in windows {
+                if part.replaying(w).is_some() {
+                    if give_up {
+                        part.panes.remove(&w);
+                        tracing::warn!(partition = %tp, window = w, "a recorded window span was not complete when its partition was given up; its records will be redelivered");
+                    }
+                    continue;
+                }
+                cuts.extend(self.take(part, tp, w, None));
+            }
+            if give_up && part.panes.is_empty() && part.is_revoked() {
+                dropped.push(tp.clone());
+            }
+        }
+        for tp in dropped {
+            state.parts.remove(&tp);
+        }
+        cuts
+    }
+
+    fn retire(&self, tp: &TopicPartition, old: &mut Part<A::Key, A::Acc>) -> Vec<Cut<A::Out>> {
+        let windows: Vec<i64> = old.panes.keys().copied().collect();
+        let mut cuts = Vec::new();
+        for w in windows {
+            if old.replaying(w).is_some() {
+                old.panes.remove(&w);
+            } else {
+                cuts.extend(self.take(old, tp, w, None));
+            }
+        }
+        cuts
+    }
+
+    fn take(
+        &self,
+        part: &mut Part<A::Key, A::Acc>,
+        tp: &TopicPartition,
+        window: i64,
+        replay: Option<Span>,
+    ) -> Option<Cut<A::Out>> {
+        let pane = part.panes.remove(&window)?;
+        let rows: Vec<A::Out> = pane
+            .accs
+            .into_iter()
+            .map(|(k, acc)| self.agg.finish(window, k, acc))
+            .collect();
+        let (span, replay) = match replay {
+            Some(plan) => {
+                if plan.items != pane.items || plan.last != pane.last {
+                    tracing::warn!(partition = %tp, window, first = plan.first, last = plan.last, recorded_items = plan.items, items = pane.items, "a recorded window span came out differently this time (changed code or data?)");
+                }
+                (plan, true)
+            }
+            None => (
+                Span {
+                    tp: tp.clone(),
+                    first: pane.first,
+                    last: pane.last,
+                    items: pane.items,
+                    key: window,
+                },
+                false,
+            ),
+        };
+        Some(Cut {
+            rows,
+            acks: pane.acks,
+            span,
+            replay,
+        })
+    }
+
+    async fn emit(&self, cuts: Vec<Cut<A::Out>>) -> Result<(), PipelineError> {
+        if cuts.is_empty() {
+            return Ok(());
+        }
+        let fresh: Vec<Span> = cuts
+            .iter()
+            .filter(|c| !c.replay)
+            .map(|c| c.span.clone())
+            .collect();
+        if !fresh.is_empty() {
+            let mut attempts =
+                Attempts::new(&self.stage, "record spans", &self.retry, &self.health);
+            loop {
+                match self.log.record(&fresh).await {
+                    Ok(()) => break,
+                    Err(e) => attempts.failed(e).await?,
+                }
+            }
+            attempts.succeeded();
+        }
+        let stage = self.stage.to_string();
+        for cut in cuts {
+            if cut.replay {
+                metrics::counter!(m::SPANS_REPLAYED, "stage" => stage.clone()).increment(1);
+            }
+            metrics::counter!(m::STAGE_ITEMS_OUT, "stage" => stage.clone())
+                .increment(cut.rows.len() as u64);
+            self.out
+                .send(Batch::new(cut.rows, cut.acks).with_span(cut.span))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ack::PartitionLedger;
+    use crate::error::SinkError;
+
+    /// Sums values per key.
+    struct Sum;
+
+    impl WindowAggregate for Sum {
+        type In = (i64, u8, u64);
+        type Key = u8;
+        type Acc = u64;
+        type Out = (i64, u8, u64);
+        fn event_time(&self, item: &Self::In) -> i64 {
+            item.0
+        }
+        fn key(&self, item: &Self::In) -> u8 {
+            item.1
+        }
+        fn add(&self, acc: &mut u64, item: &Self::In) {
+            *acc += item.2;
+        }
+        fn finish(&self, window: i64, key: u8, acc: u64) -> Self::Out {
+            (window, key, acc)
+        }
+    }
+
+    /// Never called by the synchronous parts under test.
+    struct NoLog;
+
+    impl SpanLog for NoLog {
+        async fn record(&self, _: &[Span]) -> Result<(), SinkError> {
+            unreachable!()
+        }
+        async fn load(&self, _: &TopicPartition, _: i64) -> Result<Vec<Span>, SinkError> {
+            unreachable!()
+        }
+    }
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+        }
+    }
+
+    fn windower() -> Windower<Sum, NoLog> {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        Windower {
+            stage: "w".into(),
+            out: Output::new("w".into(), tx),
+            spec: WindowSpec {
+                length: Duration::from_secs(60),
+                allowed_lateness: Duration::from_secs(20),
+                max_open: Duration::from_secs(3600),
+            },
+            agg: Sum,
+            log: NoLog,
+            retry: RetryPolicy::default(),
+            health: Health::new(),
+        }
+    }
+
+    fn state() -> State<u8, u64> {
+        State {
+            parts: HashMap::new(),
+            seq: 0,
+            length: 60,
+            lateness: 20,
+        }
+    }
+
+    type Item = (i64, (i64, u8, u64));
+
+    fn feed(
+        w: &Windower<Sum, NoLog>,
+        st: &mut State<u8, u64>,
+        ledger: &Arc<PartitionLedger>,
+        plans: &mut Option<HashMap<i64, VecDeque<Span>>>,
+        items: &[Item],
+    ) -> Vec<Cut<(i64, u8, u64)>> {
+        let tp = ledger.topic_partition().clone();
+        let mut acks = AckSet::new();
+        acks.push(ledger.issue(items[0].0, items[items.len() - 1].0).unwrap());
+        st.seq += 1;
+        if let Some(plans) = plans.take() {
+            st.parts.insert(
+                tp.clone(),
+                Part {
+                    assignment: acks.handles()[0].assignment(),
+                    max_time: i64::MIN,
+                    panes: BTreeMap::new(),
+                    plans,
+                },
+            );
+        }
+        let mut cuts = Vec::new();
+        for &(offset, item) in items {
+            w.push(st, &tp, offset, item, &acks, &mut cuts);
+        }
+        w.after_input(st, &mut cuts);
+        acks.release();
+        cuts
+    }
+
+    #[test]
+    fn window_rows_are_exact_across_a_crash_and_redelivery() {
+        for seed in 1..200u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            // Records with event times moving forward, some late (beyond the lateness), one
+            // record per offset, gaps between offsets.
+            let mut items: Vec<Item> = Vec::new();
+            let (mut offset, mut t) = (0i64, 1_760_000_000i64);
+            for _ in 0..(50 + rng.next(150)) {
+                t += rng.next(15) as i64;
+                let late = if rng.next(10) == 0 {
+                    rng.next(200) as i64
+                } else {
+                    0
+                };
+                items.push((offset, (t - late, rng.next(3) as u8, 1 + rng.next(100))));
+                offset += 1 + rng.next(2) as i64;
+            }
+            let mut reference: BTreeMap<(i64, u8), u64> = BTreeMap::new();
+            for (_, (t, k, v)) in &items {
+                *reference.entry((t.div_euclid(60) * 60, *k)).or_default() += v;
+            }
+            let w = windower();
+            let tp = TopicPartition::new("t", 0);
+            let mut table: BTreeMap<(i64, i64, i64), Vec<(i64, u8, u64)>> = BTreeMap::new();
+            let mut insert = |cut: Cut<(i64, u8, u64)>| {
+                table
+                    .entry((cut.span.key, cut.span.first, cut.span.last))
+                    .or_insert_with(|| cut.rows.clone());
+                cut.acks.release();
+            };
+
+            // Run 1: micro-batches, random flushes, a crash; each cut recorded, written or not.
+            let ledger = PartitionLedger::new(tp.clone());
+            let mut st = state();
+            let mut plans = Some(HashMap::new());
+            let mut log: Vec<Span> = Vec::new();
+            let mut lost_from = i64::MAX;
+            let crash_at = rng.next(items.len() as u64) as usize;
+            let mut at = 0;
+            while at < crash_at {
+                let end = (at + 1 + rng.next(8) as usize).min(crash_at);
+                let mut cuts = feed(&w, &mut st, &ledger, &mut plans, &items[at..end]);
+                if rng.next(6) == 0 {
+                    cuts.extend(w.flush(&mut st, false));
+                }
+                for cut in cuts {
+                    log.push(cut.span.clone());
+                    if rng.next(2) == 0 {
+                        insert(cut);
+                    } else {
+                        lost_from = lost_from.min(cut.span.first);
+                    }
+                }
+                at = end;
+            }
+            if let Some(part) = st.parts.get(&tp) {
+                for pane in part.panes.values() {
+                    lost_from = lost_from.min(pane.first);
+                }
+            }
+            let end = items.get(crash_at).map_or(offset, |i| i.0);
+            let committed = rng.next(lost_from.min(end) as u64 + 1) as i64;
+            drop(st);
+
+            // Run 2: from the committed offset, other micro-batches, to the end.
+            let ledger = PartitionLedger::new(tp.clone());
+            let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
+            for s in log.iter().filter(|s| s.last >= committed) {
+                by_window.entry(s.key).or_default().push(s.clone());
+            }
+            let mut plans = Some(
+                by_window
+                    .into_iter()
+                    .map(|(k, v)| (k, replay_plan(v)))
+                    .collect(),
+            );
+            let mut st = state();
+            let rest: Vec<Item> = items.iter().copied().filter(|i| i.0 >= committed).collect();
+            let mut at = 0;
+            while at < rest.len() {
+                let end = (at + 1 + rng.next(8) as usize).min(rest.len());
+                let mut cuts = feed(&w, &mut st, &ledger, &mut plans, &rest[at..end]);
+                if rng.next(6) == 0 {
+                    cuts.extend(w.flush(&mut st, false));
+                }
+                cuts.into_iter().for_each(&mut insert);
+                at = end;
+            }
+            w.flush(&mut st, true).into_iter().for_each(&mut insert);
+
+            let mut written: BTreeMap<(i64, u8), u64> = BTreeMap::new();
+            for (window, key, sum) in table.values().flatten() {
+                *written.entry((*window, *key)).or_default() += sum;
+            }
+            assert_eq!(written, reference, "seed {seed}: every item counted once");
+            if let Some(last) = rest.last() {
+                assert_eq!(ledger.committable(), Some(last.0 + 1), "seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn windows_close_on_the_watermark_and_late_items_make_one_more_row() {
+        let w = windower();
+        let mut st = state();
+        let ledger = PartitionLedger::new(TopicPartition::new("t", 0));
+        let mut plans = Some(HashMap::new());
+        let t0 = 1_760_000_040; // window 1_760_000_040 .. +60 (aligned: 1_760_000_040 % 60 == 0)
+        assert_eq!(t0 % 60, 0);
+        let cuts = feed(
+            &w,
+            &mut st,
+            &ledger,
+            &mut plans,
+            &[(0, (t0, 1, 5)), (1, (t0 + 30, 1, 7))],
+        );
+        assert!(cuts.is_empty(), "open until the watermark passes its end");
+        // 70 s later minus 20 s lateness = t0 + 50 + …: still open at t0 + 79.
+        let cuts = feed(&w, &mut st, &ledger, &mut plans, &[(2, (t0 + 79, 1, 1))]);
+        assert!(cuts.is_empty());
+        let cuts = feed(&w, &mut st, &ledger, &mut plans, &[(3, (t0 + 80, 2, 1))]);
+        assert_eq!(cuts.len(), 1);
+        assert_eq!(cuts[0].rows, vec![(t0, 1, 12)]);
+        assert_eq!(
+            (cuts[0].span.key, cuts[0].span.first, cuts[0].span.last),
+            (t0, 0, 1)
+        );
+        // A late item for the closed window: one more row, at once.
+        let cuts = feed(&w, &mut st, &ledger, &mut plans, &[(4, (t0 + 10, 1, 100))]);
+        assert_eq!(cuts.len(), 1);
+        assert_eq!(cuts[0].rows, vec![(t0, 1, 100)]);
+    }
+}
