@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on this machine: services up, migrate, generate 1,000,000 FrameWorks
-# events, run the worker in drain mode with a live progress line, then show what landed.
+# events, run the worker in drain mode with a live progress line, then show what landed:
+# rows per table, viewer_metrics_5m, the top streams of stream_analytics and the usage totals.
 # EVENTS=N overrides the number of events. Stream state is reduced into a fresh PostgreSQL
 # database (DATABASE_URL overrides it).
 set -euo pipefail
@@ -46,3 +47,5 @@ echo "== viewer_metrics_5m: busiest five-minute windows"
 q "SELECT timestamp_5m, internal_name, node_id, peak_viewers, round(avg_viewers, 2) AS avg_viewers, unique_countries, round(avg_connection_quality, 3) AS quality FROM viewer_metrics_5m ORDER BY peak_viewers DESC, avg_viewers DESC LIMIT 5 FORMAT PrettyCompactMonoBlock"
 echo "== stream_analytics: top streams by peak viewers"
 psql -q "$DATABASE_URL" -c "SELECT left(tenant_id::text, 8) AS tenant, internal_name, status, current_viewers AS viewers, peak_viewers AS peak, total_connections AS connections, round(total_bandwidth_gb, 3) AS gb, node_id, last_updated FROM stream_analytics ORDER BY peak_viewers DESC, total_connections DESC LIMIT 8"
+echo "== usage_records: totals per usage type (one-minute windows per tenant and partition)"
+q "SELECT cluster_id, usage_type, billing_month, count() AS rows, uniqExact(tenant_id) AS tenants, formatReadableQuantity(sum(usage_value)) AS total FROM usage_records GROUP BY cluster_id, usage_type, billing_month ORDER BY usage_type FORMAT PrettyCompactMonoBlock"
