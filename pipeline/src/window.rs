@@ -568,6 +568,9 @@ mod tests {
 
     type Item = (i64, (i64, u8, u64));
 
+    /// Rows written, by window span (deduplicated as ClickHouse does by token).
+    type Table = BTreeMap<(i64, i64, i64), Vec<(i64, u8, u64)>>;
+
     fn feed(
         w: &Windower<Sum, NoLog>,
         st: &mut State<u8, u64>,
@@ -623,7 +626,7 @@ mod tests {
             }
             let w = windower();
             let tp = TopicPartition::new("t", 0);
-            let mut table: BTreeMap<(i64, i64, i64), Vec<(i64, u8, u64)>> = BTreeMap::new();
+            let mut table: Table = BTreeMap::new();
             let mut insert = |cut: Cut<(i64, u8, u64)>| {
                 table
                     .entry((cut.span.key, cut.span.first, cut.span.last))
