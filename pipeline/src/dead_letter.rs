@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -52,7 +53,10 @@ impl DeadLetterSink {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000");
+            .set("message.timeout.ms", "30000")
+            // Whatever the source topic held must fit (the broker may still refuse it: then
+            // the value is cut, see `write`).
+            .set("message.max.bytes", "16777216");
         for (k, v) in options {
             // Consumer-only properties would make the producer refuse to start.
             if !is_consumer_only(k) {
@@ -90,47 +94,86 @@ pub fn is_consumer_only(key: &str) -> bool {
         )
 }
 
-impl Sink for DeadLetterSink {
-    type Item = DeadLetter;
+/// How much of a value is kept when the whole record is too large for the dead-letter topic.
+pub const TRUNCATED_VALUE_BYTES: usize = 64 << 10;
 
-    async fn write(&mut self, batch: &Batch<DeadLetter>) -> Result<(), SinkError> {
-        let mut deliveries = Vec::with_capacity(batch.len());
-        for dl in &batch.items {
-            let r = &dl.record;
-            let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 5);
-            for (k, v) in &r.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_ref()),
-                });
-            }
+impl DeadLetterSink {
+    /// Writes one dead letter; with `cut`, only the value's first `cut` bytes, and headers
+    /// `value_truncated` and `value_bytes`.
+    async fn send(&self, dl: &DeadLetter, cut: Option<usize>) -> Result<(), KafkaError> {
+        let r = &dl.record;
+        let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
+        let value_len = r.value.as_ref().map_or(0, |v| v.len()).to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 7);
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_ref()),
+            });
+        }
+        for (k, v) in [
+            ("error", dl.error.as_str()),
+            ("error_stage", dl.stage),
+            ("source_topic", &*r.topic),
+            ("source_partition", partition.as_str()),
+            ("source_offset", offset.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        if cut.is_some() {
             for (k, v) in [
-                ("error", dl.error.as_str()),
-                ("error_stage", dl.stage),
-                ("source_topic", &*r.topic),
-                ("source_partition", partition.as_str()),
-                ("source_offset", offset.as_str()),
+                ("value_truncated", "true"),
+                ("value_bytes", value_len.as_str()),
             ] {
                 headers = headers.insert(Header {
                     key: k,
                     value: Some(v),
                 });
             }
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.topic).headers(headers);
-            if let Some(k) = &r.key {
-                record = record.key(k.as_ref());
-            }
-            if let Some(v) = &r.value {
-                record = record.payload(v.as_ref());
-            }
-            deliveries.push(self.producer.send(record, Duration::from_secs(30)));
         }
-        for delivery in futures::future::join_all(deliveries).await {
-            delivery.map_err(|(e, _)| {
-                SinkError::transient(format!("dead-letter write to {} failed: {e}", self.topic))
-            })?;
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.topic).headers(headers);
+        if let Some(k) = &r.key {
+            record = record.key(k.as_ref());
+        }
+        if let Some(v) = &r.value {
+            let v: &[u8] = v.as_ref();
+            record = record.payload(&v[..cut.map_or(v.len(), |c| c.min(v.len()))]);
+        }
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+
+    fn failed(&self, e: KafkaError) -> SinkError {
+        SinkError::transient(format!("dead-letter write to {} failed: {e}", self.topic))
+    }
+}
+
+impl Sink for DeadLetterSink {
+    type Item = DeadLetter;
+
+    async fn write(&mut self, batch: &Batch<DeadLetter>) -> Result<(), SinkError> {
+        let deliveries: Vec<_> = batch.items.iter().map(|dl| self.send(dl, None)).collect();
+        let results = futures::future::join_all(deliveries).await;
+        for (dl, result) in batch.items.iter().zip(results) {
+            match result {
+                Ok(()) => {}
+                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                    // Too large for the dead-letter topic: keep the head of the value and say
+                    // so; the whole record stays in its source topic at the offset given.
+                    tracing::warn!(topic = %self.topic, source_offset = dl.record.offset, bytes = dl.record.value.as_ref().map_or(0, |v| v.len()), "dead letter too large for its topic; writing it with the value cut");
+                    self.send(dl, Some(TRUNCATED_VALUE_BYTES))
+                        .await
+                        .map_err(|e| self.failed(e))?;
+                }
+                Err(e) => return Err(self.failed(e)),
+            }
         }
         // Counted once the whole batch is safe, so that a retried batch is not counted twice.
         for dl in &batch.items {
