@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::analytics::Setup;
 use common::{as_refs, command, sigterm, total_rows};
-use sluice_testkit::{committed_offsets, http_get, rss_of};
+use sluice_testkit::{http_get, rss_of};
 
 fn services(args: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
@@ -90,22 +90,8 @@ async fn postgres_down_for_30_s_then_exact() {
     );
 
     assert!(producer.wait().expect("generate").success());
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let committed: i64 = committed_offsets(&s.group, &s.topic, s.partitions)
-            .values()
-            .sum();
-        if committed == s.events as i64 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "caught up: committed {committed} of {}",
-            s.events
-        );
-        peak_rss = peak_rss.max(rss_of(&pid));
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    s.wait_committed(|| peak_rss = peak_rss.max(rss_of(&pid)))
+        .await;
     let (status, _) = http_get(addr, "/ready").await;
     assert_eq!(status, 200, "ready again");
     sigterm(worker.id());

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::analytics::Setup;
 use common::{as_refs, command, config_path, sigterm, spawn_worker, total_rows};
-use sluice_testkit::committed_offsets;
 
 #[tokio::test]
 async fn a_drained_stream_equals_the_reference() {
@@ -98,21 +97,7 @@ async fn two_workers_rebalancing_leave_the_exact_state() {
     }
     let mut second = start(&logs[1]);
     assert!(producer.wait().expect("generate").success());
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let committed: i64 = committed_offsets(&s.group, &s.topic, s.partitions)
-            .values()
-            .sum();
-        if committed == s.events as i64 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "committed {committed} of {}",
-            s.events
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    s.wait_committed(|| {}).await;
     for w in [&mut first, &mut second] {
         sigterm(w.id());
         let status = w.wait().expect("reap");

@@ -757,16 +757,9 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
         let graph = self.graph;
         let (tx, rx) = graph.queue(&stage);
         let windower = crate::window::Windower {
-            stage: stage.name.clone(),
-            out: Output::new(stage.name.clone(), tx),
+            io: span_io(&graph, &stage, tx, log),
             spec,
             agg,
-            log,
-            retry: stage
-                .retry
-                .clone()
-                .unwrap_or_else(|| graph.config.retry.clone()),
-            health: graph.health.clone(),
         };
         let flush = graph.flush_signal();
         graph.add_task(
@@ -799,16 +792,9 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
         let graph = self.graph;
         let (tx, rx) = graph.queue(&stage);
         let batcher = crate::span::SpanBatcher {
-            stage: stage.name.clone(),
-            out: Output::new(stage.name.clone(), tx),
+            io: span_io(&graph, &stage, tx, log),
             limits,
             size_of,
-            log,
-            retry: stage
-                .retry
-                .clone()
-                .unwrap_or_else(|| graph.config.retry.clone()),
-            health: graph.health.clone(),
         };
         let flush = graph.flush_signal();
         graph.add_task(
@@ -817,5 +803,24 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
             batcher.run(Input::One(self.rx), flush),
         );
         Flow { rx, graph }
+    }
+}
+
+/// The span log, retries, health and output of a span-cutting stage.
+fn span_io<T, L>(
+    graph: &Arc<Graph>,
+    stage: &Stage,
+    tx: mpsc::Sender<Batch<T>>,
+    log: L,
+) -> crate::span::SpanIo<T, L> {
+    crate::span::SpanIo {
+        stage: stage.name.clone(),
+        out: Output::new(stage.name.clone(), tx),
+        log,
+        retry: stage
+            .retry
+            .clone()
+            .unwrap_or_else(|| graph.config.retry.clone()),
+        health: graph.health.clone(),
     }
 }

@@ -136,138 +136,46 @@ impl<T> Part<T> {
     }
 }
 
-/// A batch cut from one partition.
-struct Cut<T> {
-    rows: Vec<T>,
-    acks: AckSet,
-    span: Span,
+/// A batch cut from one partition (and window).
+pub(crate) struct Cut<T> {
+    pub(crate) rows: Vec<T>,
+    pub(crate) acks: AckSet,
+    pub(crate) span: Span,
     /// Cut again along a recorded span (already in the log).
-    replay: bool,
+    pub(crate) replay: bool,
 }
 
-/// The span batcher task behind [`Flow::batch_spans`](crate::Flow::batch_spans).
-pub(crate) struct SpanBatcher<T, F, L> {
+/// What every span-cutting stage does with the outside: load the spans recorded for a
+/// partition, record new cuts before they move on, send batches.
+pub(crate) struct SpanIo<T, L> {
     pub(crate) stage: Arc<str>,
     pub(crate) out: Output<T>,
-    pub(crate) limits: BatchLimits,
-    pub(crate) size_of: F,
     pub(crate) log: L,
     pub(crate) retry: RetryPolicy,
     pub(crate) health: Health,
 }
 
-impl<T, F, L> SpanBatcher<T, F, L>
-where
-    T: Send + 'static,
-    F: Fn(&T) -> usize,
-    L: SpanLog,
-{
-    pub(crate) async fn run(
-        self,
-        mut input: Input<Sourced<T>>,
-        mut flush: watch::Receiver<u64>,
-    ) -> Result<(), PipelineError> {
-        let mut state = State {
-            parts: HashMap::new(),
-            bytes: 0,
-            seq: 0,
-        };
-        let mut flush_open = true;
-        loop {
-            let deadline = state
-                .parts
-                .values()
-                .filter(|p| p.replaying().is_none())
-                .filter_map(|p| p.deadline)
-                .min();
-            tokio::select! {
-                biased;
-                changed = flush.changed(), if flush_open => {
-                    flush_open = changed.is_ok();
-                    state.purge_revoked();
-                    let cuts = state.flush(false);
-                    self.emit(cuts).await?;
-                }
-                _ = sleep_until_opt(deadline), if deadline.is_some() => {
-                    state.purge_revoked();
-                    let cuts = state.lingered(Instant::now());
-                    self.emit(cuts).await?;
-                }
-                next = input.recv() => match next {
-                    Some(batch) => self.on_input(&mut state, batch).await?,
-                    None => break,
-                },
-            }
-        }
-        let cuts = state.flush(true);
-        self.emit(cuts).await
-    }
-
-    async fn on_input(
+impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
+    /// The spans recorded for `tp` past `from`, retried while the log is unreachable.
+    pub(crate) async fn load(
         &self,
-        state: &mut State<T>,
-        batch: Batch<Sourced<T>>,
-    ) -> Result<(), PipelineError> {
-        metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.stage.to_string())
-            .increment(batch.len() as u64);
-        state.seq += 1;
-        state.purge_revoked();
-        let (items, acks) = batch.into_parts();
-        // Records of an assignment that is over belong to the partition's next owner.
-        let over: Vec<&TopicPartition> = acks
-            .handles()
-            .iter()
-            .filter(|h| h.is_revoked())
-            .map(|h| h.topic_partition())
-            .collect();
-        // A partition seen under a new assignment: finish what is held of the old one, then
-        // load the spans recorded past the new assignment's start.
-        for h in acks.handles() {
-            let tp = h.topic_partition();
-            if h.is_revoked()
-                || state
-                    .parts
-                    .get(tp)
-                    .is_some_and(|p| p.assignment == h.assignment())
-            {
-                continue;
-            }
-            if let Some(old) = state.parts.remove(tp) {
-                let cuts = state.retire(tp, old);
-                self.emit(cuts).await?;
-            }
-            let from = h.offsets().0;
-            let mut attempts = Attempts::new(&self.stage, "load spans", &self.retry, &self.health);
-            let recorded = loop {
-                match self.log.load(tp, from).await {
-                    Ok(spans) => break spans,
-                    Err(e) => attempts.failed(e).await?,
+        tp: &TopicPartition,
+        from: i64,
+    ) -> Result<Vec<Span>, PipelineError> {
+        let mut attempts = Attempts::new(&self.stage, "load spans", &self.retry, &self.health);
+        loop {
+            match self.log.load(tp, from).await {
+                Ok(spans) => {
+                    attempts.succeeded();
+                    return Ok(spans);
                 }
-            };
-            attempts.succeeded();
-            let plans = replay_plan(recorded);
-            if !plans.is_empty() {
-                tracing::info!(stage = %self.stage, partition = %tp, from, spans = plans.len(), "cutting redelivered records along recorded spans");
+                Err(e) => attempts.failed(e).await?,
             }
-            state
-                .parts
-                .insert(tp.clone(), Part::new(h.assignment(), plans));
         }
-        let mut cuts = Vec::new();
-        for Sourced { tp, offset, item } in items {
-            if over.contains(&&tp) {
-                continue;
-            }
-            let size = (self.size_of)(&item);
-            state.push(&tp, offset, item, size, &acks, &self.limits, &mut cuts);
-        }
-        state.after_input(&self.limits, &mut cuts);
-        acks.release();
-        self.emit(cuts).await
     }
 
     /// Records the new spans, then sends every cut downstream.
-    async fn emit(&self, cuts: Vec<Cut<T>>) -> Result<(), PipelineError> {
+    pub(crate) async fn emit(&self, cuts: Vec<Cut<T>>) -> Result<(), PipelineError> {
         if cuts.is_empty() {
             return Ok(());
         }
@@ -301,6 +209,116 @@ where
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// The span batcher task behind [`Flow::batch_spans`](crate::Flow::batch_spans).
+pub(crate) struct SpanBatcher<T, F, L> {
+    pub(crate) io: SpanIo<T, L>,
+    pub(crate) limits: BatchLimits,
+    pub(crate) size_of: F,
+}
+
+impl<T, F, L> SpanBatcher<T, F, L>
+where
+    T: Send + 'static,
+    F: Fn(&T) -> usize,
+    L: SpanLog,
+{
+    pub(crate) async fn run(
+        self,
+        mut input: Input<Sourced<T>>,
+        mut flush: watch::Receiver<u64>,
+    ) -> Result<(), PipelineError> {
+        let mut state = State {
+            parts: HashMap::new(),
+            bytes: 0,
+            seq: 0,
+        };
+        let mut flush_open = true;
+        loop {
+            let deadline = state
+                .parts
+                .values()
+                .filter(|p| p.replaying().is_none())
+                .filter_map(|p| p.deadline)
+                .min();
+            tokio::select! {
+                biased;
+                changed = flush.changed(), if flush_open => {
+                    flush_open = changed.is_ok();
+                    state.purge_revoked();
+                    let cuts = state.flush(false);
+                    self.io.emit(cuts).await?;
+                }
+                _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    state.purge_revoked();
+                    let cuts = state.lingered(Instant::now());
+                    self.io.emit(cuts).await?;
+                }
+                next = input.recv() => match next {
+                    Some(batch) => self.on_input(&mut state, batch).await?,
+                    None => break,
+                },
+            }
+        }
+        let cuts = state.flush(true);
+        self.io.emit(cuts).await
+    }
+
+    async fn on_input(
+        &self,
+        state: &mut State<T>,
+        batch: Batch<Sourced<T>>,
+    ) -> Result<(), PipelineError> {
+        metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.io.stage.to_string())
+            .increment(batch.len() as u64);
+        state.seq += 1;
+        state.purge_revoked();
+        let (items, acks) = batch.into_parts();
+        // Records of an assignment that is over belong to the partition's next owner.
+        let over: Vec<&TopicPartition> = acks
+            .handles()
+            .iter()
+            .filter(|h| h.is_revoked())
+            .map(|h| h.topic_partition())
+            .collect();
+        // A partition seen under a new assignment: finish what is held of the old one, then
+        // load the spans recorded past the new assignment's start.
+        for h in acks.handles() {
+            let tp = h.topic_partition();
+            if h.is_revoked()
+                || state
+                    .parts
+                    .get(tp)
+                    .is_some_and(|p| p.assignment == h.assignment())
+            {
+                continue;
+            }
+            if let Some(old) = state.parts.remove(tp) {
+                let cuts = state.retire(tp, old);
+                self.io.emit(cuts).await?;
+            }
+            let from = h.offsets().0;
+            let plans = replay_plan(self.io.load(tp, from).await?);
+            if !plans.is_empty() {
+                tracing::info!(stage = %self.io.stage, partition = %tp, from, spans = plans.len(), "cutting redelivered records along recorded spans");
+            }
+            state
+                .parts
+                .insert(tp.clone(), Part::new(h.assignment(), plans));
+        }
+        let mut cuts = Vec::new();
+        for Sourced { tp, offset, item } in items {
+            if over.contains(&&tp) {
+                continue;
+            }
+            let size = (self.size_of)(&item);
+            state.push(&tp, offset, item, size, &acks, &self.limits, &mut cuts);
+        }
+        state.after_input(&self.limits, &mut cuts);
+        acks.release();
+        self.io.emit(cuts).await
     }
 }
 

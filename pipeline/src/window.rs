@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -17,11 +16,9 @@ use tokio::time::Instant;
 use crate::ack::{AckSet, TopicPartition};
 use crate::batch::Batch;
 use crate::error::PipelineError;
-use crate::lifecycle::Health;
 use crate::metrics as m;
-use crate::retry::{Attempts, RetryPolicy};
-use crate::span::{Sourced, Span, SpanLog, replay_plan, shares_of};
-use crate::stages::{Input, Output, sleep_until_opt};
+use crate::span::{Cut, Sourced, Span, SpanIo, SpanLog, replay_plan, shares_of};
+use crate::stages::{Input, sleep_until_opt};
 
 /// How items aggregate into window rows.
 pub trait WindowAggregate: Send + Sync + 'static {
@@ -121,22 +118,11 @@ impl<K, A> Part<K, A> {
     }
 }
 
-struct Cut<O> {
-    rows: Vec<O>,
-    acks: AckSet,
-    span: Span,
-    replay: bool,
-}
-
 /// The window task behind [`Flow::window`](crate::Flow::window).
 pub(crate) struct Windower<A: WindowAggregate, L> {
-    pub(crate) stage: Arc<str>,
-    pub(crate) out: Output<A::Out>,
+    pub(crate) io: SpanIo<A::Out, L>,
     pub(crate) spec: WindowSpec,
     pub(crate) agg: A,
-    pub(crate) log: L,
-    pub(crate) retry: RetryPolicy,
-    pub(crate) health: Health,
 }
 
 struct State<K, A> {
@@ -189,12 +175,12 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                     flush_open = changed.is_ok();
                     state.purge_revoked();
                     let cuts = self.flush(&mut state, false);
-                    self.emit(cuts).await?;
+                    self.io.emit(cuts).await?;
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     state.purge_revoked();
                     let cuts = self.close_idle(&mut state, Instant::now());
-                    self.emit(cuts).await?;
+                    self.io.emit(cuts).await?;
                 }
                 next = input.recv() => match next {
                     Some(batch) => self.on_input(&mut state, batch).await?,
@@ -203,7 +189,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             }
         }
         let cuts = self.flush(&mut state, true);
-        self.emit(cuts).await
+        self.io.emit(cuts).await
     }
 
     async fn on_input(
@@ -211,7 +197,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         state: &mut State<A::Key, A::Acc>,
         batch: Batch<Sourced<A::In>>,
     ) -> Result<(), PipelineError> {
-        metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.stage.to_string())
+        metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.io.stage.to_string())
             .increment(batch.len() as u64);
         state.seq += 1;
         state.purge_revoked();
@@ -235,17 +221,10 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             }
             if let Some(mut old) = state.parts.remove(tp) {
                 let cuts = self.retire(tp, &mut old);
-                self.emit(cuts).await?;
+                self.io.emit(cuts).await?;
             }
             let from = h.offsets().0;
-            let mut attempts = Attempts::new(&self.stage, "load spans", &self.retry, &self.health);
-            let recorded = loop {
-                match self.log.load(tp, from).await {
-                    Ok(spans) => break spans,
-                    Err(e) => attempts.failed(e).await?,
-                }
-            };
-            attempts.succeeded();
+            let recorded = self.io.load(tp, from).await?;
             let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
             for span in recorded {
                 by_window.entry(span.key).or_default().push(span);
@@ -255,7 +234,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                 .map(|(w, spans)| (w, replay_plan(spans)))
                 .collect();
             if !plans.is_empty() {
-                tracing::info!(stage = %self.stage, partition = %tp, from, windows = plans.len(), "cutting redelivered records along recorded window spans");
+                tracing::info!(stage = %self.io.stage, partition = %tp, from, windows = plans.len(), "cutting redelivered records along recorded window spans");
             }
             state.parts.insert(
                 tp.clone(),
@@ -275,7 +254,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         }
         self.after_input(state, &mut cuts);
         acks.release();
-        self.emit(cuts).await
+        self.io.emit(cuts).await
     }
 
     fn push(
@@ -453,47 +432,18 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             replay,
         })
     }
-
-    async fn emit(&self, cuts: Vec<Cut<A::Out>>) -> Result<(), PipelineError> {
-        if cuts.is_empty() {
-            return Ok(());
-        }
-        let fresh: Vec<Span> = cuts
-            .iter()
-            .filter(|c| !c.replay)
-            .map(|c| c.span.clone())
-            .collect();
-        if !fresh.is_empty() {
-            let mut attempts =
-                Attempts::new(&self.stage, "record spans", &self.retry, &self.health);
-            loop {
-                match self.log.record(&fresh).await {
-                    Ok(()) => break,
-                    Err(e) => attempts.failed(e).await?,
-                }
-            }
-            attempts.succeeded();
-        }
-        let stage = self.stage.to_string();
-        for cut in cuts {
-            if cut.replay {
-                metrics::counter!(m::SPANS_REPLAYED, "stage" => stage.clone()).increment(1);
-            }
-            metrics::counter!(m::STAGE_ITEMS_OUT, "stage" => stage.clone())
-                .increment(cut.rows.len() as u64);
-            self.out
-                .send(Batch::new(cut.rows, cut.acks).with_span(cut.span))
-                .await?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use crate::ack::PartitionLedger;
     use crate::error::SinkError;
+    use crate::lifecycle::Health;
+    use crate::retry::RetryPolicy;
+    use crate::stages::Output;
 
     /// Sums values per key.
     struct Sum;
@@ -543,17 +493,19 @@ mod tests {
     fn windower() -> Windower<Sum, NoLog> {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         Windower {
-            stage: "w".into(),
-            out: Output::new("w".into(), tx),
+            io: SpanIo {
+                stage: "w".into(),
+                out: Output::new("w".into(), tx),
+                log: NoLog,
+                retry: RetryPolicy::default(),
+                health: Health::new(),
+            },
             spec: WindowSpec {
                 length: Duration::from_secs(60),
                 allowed_lateness: Duration::from_secs(20),
                 max_open: Duration::from_secs(3600),
             },
             agg: Sum,
-            log: NoLog,
-            retry: RetryPolicy::default(),
-            health: Health::new(),
         }
     }
 

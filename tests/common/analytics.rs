@@ -324,6 +324,27 @@ impl Setup {
         assert_eq!(committed, self.events as i64, "committed to the end");
     }
 
+    /// Waits (up to 3 minutes) until the group has committed every event, calling `each`
+    /// between looks (to sample the worker meanwhile).
+    pub async fn wait_committed(&self, mut each: impl FnMut()) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            let committed: i64 = committed_offsets(&self.group, &self.topic, self.partitions)
+                .values()
+                .sum();
+            if committed == self.events as i64 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "committed {committed} of {}",
+                self.events
+            );
+            each();
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
     pub async fn finish(self) {
         drop_pg_database(&self.pg_url).await;
         let _ = std::fs::remove_file(&self.config);
