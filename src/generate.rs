@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -289,20 +288,12 @@ fn produce(
                 key: "source",
                 value: Some("sluice-generate".as_bytes()),
             });
-        let mut record = BaseRecord::to(topic)
+        let record = BaseRecord::to(topic)
             .key(&key)
             .payload(&value)
             .headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err((e, _)) => anyhow::bail!("producing event {i}: {e}"),
-            }
-        }
+        sluice_pipeline::kafka::send_waiting(producer, record)
+            .with_context(|| format!("producing event {i}"))?;
         if opts.rate > 0 {
             let due = Duration::from_secs_f64((i + 1) as f64 / opts.rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {

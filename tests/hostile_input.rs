@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::{as_refs, assert_ok, clickhouse, command, config_path, sluice, write_config};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use sluice_pipeline::kafka::send_waiting;
 use sluice_testkit::{
     brokers, committed_offsets, create_pg_database, create_topic, drop_pg_database, read_all,
     rss_of, unique,
@@ -124,27 +125,19 @@ async fn hostile_records_go_to_the_dead_letter_topic_and_the_rest_lands() {
         // Good records before and after every bad one, on every partition.
         for j in 0..30 {
             let (id, value) = good(n * 30 + j, &ts);
-            producer
-                .send(
-                    BaseRecord::to(&topic)
-                        .key(&id)
-                        .payload(&value)
-                        .partition((j % partitions as usize) as i32),
-                )
-                .map_err(|(e, _)| e)
-                .expect("send good");
+            let record = BaseRecord::to(&topic)
+                .key(&id)
+                .payload(&value)
+                .partition((j % partitions as usize) as i32);
+            send_waiting(&producer, record).expect("send good");
             good_ids.push(id);
             sent += 1;
         }
-        producer
-            .send(
-                BaseRecord::to(&topic)
-                    .key(&case.name)
-                    .payload(&case.value)
-                    .partition((n % partitions as usize) as i32),
-            )
-            .map_err(|(e, _)| e)
-            .expect("send hostile");
+        let record = BaseRecord::to(&topic)
+            .key(&case.name)
+            .payload(&case.value)
+            .partition((n % partitions as usize) as i32);
+        send_waiting(&producer, record).expect("send hostile");
         sent += 1;
         producer.flush(Duration::from_secs(30)).expect("flush");
     }

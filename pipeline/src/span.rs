@@ -145,6 +145,39 @@ pub(crate) struct Cut<T> {
     pub(crate) replay: bool,
 }
 
+/// What an input's acknowledgements say about its partitions.
+pub(crate) struct Assignments<'a> {
+    /// Partitions whose assignment is over: their items belong to the next owner.
+    pub(crate) over: Vec<&'a TopicPartition>,
+    /// Partitions seen under another assignment than the stage holds: (partition,
+    /// assignment, first offset of the range).
+    pub(crate) new: Vec<(&'a TopicPartition, u64, i64)>,
+}
+
+impl<'a> Assignments<'a> {
+    /// Sorts `acks` by `current`, the assignment a stage holds for a partition.
+    pub(crate) fn of(acks: &'a AckSet, current: impl Fn(&TopicPartition) -> Option<u64>) -> Self {
+        let mut seen = Assignments {
+            over: Vec::new(),
+            new: Vec::new(),
+        };
+        for h in acks.handles() {
+            let tp = h.topic_partition();
+            if h.is_revoked() {
+                seen.over.push(tp);
+            } else if current(tp) != Some(h.assignment())
+                && !seen
+                    .new
+                    .iter()
+                    .any(|(t, a, _)| *t == tp && *a == h.assignment())
+            {
+                seen.new.push((tp, h.assignment(), h.offsets().0));
+            }
+        }
+        seen
+    }
+}
+
 /// What every span-cutting stage does with the outside: load the spans recorded for a
 /// partition, record new cuts before they move on, send batches.
 pub(crate) struct SpanIo<T, L> {
@@ -276,41 +309,23 @@ where
         state.seq += 1;
         state.purge_revoked();
         let (items, acks) = batch.into_parts();
-        // Records of an assignment that is over belong to the partition's next owner.
-        let over: Vec<&TopicPartition> = acks
-            .handles()
-            .iter()
-            .filter(|h| h.is_revoked())
-            .map(|h| h.topic_partition())
-            .collect();
+        let seen = Assignments::of(&acks, |tp| state.parts.get(tp).map(|p| p.assignment));
         // A partition seen under a new assignment: finish what is held of the old one, then
         // load the spans recorded past the new assignment's start.
-        for h in acks.handles() {
-            let tp = h.topic_partition();
-            if h.is_revoked()
-                || state
-                    .parts
-                    .get(tp)
-                    .is_some_and(|p| p.assignment == h.assignment())
-            {
-                continue;
-            }
+        for &(tp, assignment, from) in &seen.new {
             if let Some(old) = state.parts.remove(tp) {
                 let cuts = state.retire(tp, old);
                 self.io.emit(cuts).await?;
             }
-            let from = h.offsets().0;
             let plans = replay_plan(self.io.load(tp, from).await?);
             if !plans.is_empty() {
                 tracing::info!(stage = %self.io.stage, partition = %tp, from, spans = plans.len(), "cutting redelivered records along recorded spans");
             }
-            state
-                .parts
-                .insert(tp.clone(), Part::new(h.assignment(), plans));
+            state.parts.insert(tp.clone(), Part::new(assignment, plans));
         }
         let mut cuts = Vec::new();
         for Sourced { tp, offset, item } in items {
-            if over.contains(&&tp) {
+            if seen.over.contains(&&tp) {
                 continue;
             }
             let size = (self.size_of)(&item);

@@ -17,7 +17,7 @@ use crate::ack::{AckSet, TopicPartition};
 use crate::batch::Batch;
 use crate::error::PipelineError;
 use crate::metrics as m;
-use crate::span::{Cut, Sourced, Span, SpanIo, SpanLog, replay_plan, shares_of};
+use crate::span::{Assignments, Cut, Sourced, Span, SpanIo, SpanLog, replay_plan, shares_of};
 use crate::stages::{Input, sleep_until_opt};
 
 /// How items aggregate into window rows.
@@ -202,28 +202,12 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         state.seq += 1;
         state.purge_revoked();
         let (items, acks) = batch.into_parts();
-        // Records of an assignment that is over belong to the partition's next owner.
-        let over: Vec<&TopicPartition> = acks
-            .handles()
-            .iter()
-            .filter(|h| h.is_revoked())
-            .map(|h| h.topic_partition())
-            .collect();
-        for h in acks.handles() {
-            let tp = h.topic_partition();
-            if h.is_revoked()
-                || state
-                    .parts
-                    .get(tp)
-                    .is_some_and(|p| p.assignment == h.assignment())
-            {
-                continue;
-            }
+        let seen = Assignments::of(&acks, |tp| state.parts.get(tp).map(|p| p.assignment));
+        for &(tp, assignment, from) in &seen.new {
             if let Some(mut old) = state.parts.remove(tp) {
                 let cuts = self.retire(tp, &mut old);
                 self.io.emit(cuts).await?;
             }
-            let from = h.offsets().0;
             let recorded = self.io.load(tp, from).await?;
             let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
             for span in recorded {
@@ -239,7 +223,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             state.parts.insert(
                 tp.clone(),
                 Part {
-                    assignment: h.assignment(),
+                    assignment,
                     max_time: i64::MIN,
                     panes: BTreeMap::new(),
                     plans,
@@ -248,7 +232,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         }
         let mut cuts = Vec::new();
         for Sourced { tp, offset, item } in items {
-            if !over.contains(&&tp) {
+            if !seen.over.contains(&&tp) {
                 self.push(state, &tp, offset, item, &acks, &mut cuts);
             }
         }

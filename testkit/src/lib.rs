@@ -10,7 +10,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_pipeline::{Batch, Sink, SinkError};
@@ -98,21 +97,13 @@ pub fn produce(topic: &str, partitions: i32, n: usize, value: impl Fn(usize) -> 
             key: "idx",
             value: Some(idx.as_bytes()),
         });
-        let mut record = BaseRecord::to(topic)
+        let record = BaseRecord::to(topic)
             .key(&key)
             .payload(&payload)
             .partition((i % partitions as usize) as i32)
             .headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((e, _)) => panic!("produce record {i}: {e}"),
-            }
-        }
+        sluice_pipeline::kafka::send_waiting(&producer, record)
+            .unwrap_or_else(|e| panic!("produce record {i}: {e}"));
     }
     producer
         .flush(Duration::from_secs(60))
