@@ -4,11 +4,12 @@
 #   clickhouse  ClickHouse 26.9 (embedded engine of chdb-core)       127.0.0.1:8123 (HTTP), 9000 (native)
 #   postgres    PostgreSQL (Debian's cluster)                         127.0.0.1:5432
 #
-# Usage: scripts/services.sh up|down|status [broker|clickhouse|postgres]
+# Usage: scripts/services.sh up|down|kill|status [broker|clickhouse|postgres]
 #
 # First use installs what is missing into .services/ (git-ignored) and reuses it afterwards.
 # `up` is idempotent. `down` without a name stops only what `up` started, by PID file;
 # `down postgres` stops the PostgreSQL cluster even if the machine started it (outage tests).
+# `kill NAME` crashes a service (SIGKILL; PostgreSQL: immediate shutdown) for outage tests.
 # ClickHouse keeps its data in .services/clickhouse/data across restarts; the broker keeps
 # its data in memory only, so a broker restart starts empty.
 set -euo pipefail
@@ -242,6 +243,24 @@ stop_pidfile() { # service
   log "services: $svc: stopped (pid $pid)"
 }
 
+kill_one() { # service: crash it, as an outage would
+  local svc=$1
+  if [ "$svc" = postgres ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(pg_version)" main stop -m immediate >>"$LOGS/postgres-start.log" 2>&1 ||
+      fail postgres "pg_ctlcluster stop -m immediate failed" "$(pg_log)"
+    log "services: postgres: killed (immediate shutdown)"
+    return
+  fi
+  local pidf=$RUN/$svc.pid
+  pid_alive "$pidf" || fail "$svc" "not running (not started by this script)"
+  local pid
+  pid=$(cat "$pidf")
+  kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  rm -f "$pidf"
+  log "services: $svc: killed (SIGKILL, pid $pid)"
+}
+
 where() {
   case $1 in
   broker) echo "kafka://$BROKER_HOST:$BROKER_PORT  log $LOGS/broker.log" ;;
@@ -265,7 +284,7 @@ status_one() {
 }
 
 usage() {
-  echo "usage: $0 up|down|status [broker|clickhouse|postgres]" >&2
+  echo "usage: $0 up|down|kill|status [broker|clickhouse|postgres]" >&2
   exit 2
 }
 
@@ -291,6 +310,10 @@ main() {
       *) stop_pidfile "$s" ;;
       esac
     done
+    ;;
+  kill)
+    [ -n "${2:-}" ] || usage
+    kill_one "$2"
     ;;
   status)
     local rc=0

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientContext;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -241,6 +242,29 @@ fn random_uuid(rng: &mut SmallRng) -> Uuid {
     uuid::Builder::from_random_bytes(rng.random()).into_uuid()
 }
 
+/// Counts the events the broker did not take, so that `generate` fails rather than report
+/// events it lost.
+#[derive(Default)]
+struct Deliveries {
+    failed: std::sync::atomic::AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
 /// Produces the events into Kafka; returns how many were sent.
 pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<u64> {
     let topic = opts
@@ -256,20 +280,22 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<u64> {
             client.set(k, v);
         }
     }
-    let producer: ThreadedProducer<DefaultProducerContext> = client
+    // Idempotent, so that retries after a broken connection do not write an event twice.
+    let producer: ThreadedProducer<Deliveries> = client
         .clone()
+        .set("enable.idempotence", "true")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.kbytes", "131072")
-        .create()
+        .create_with_context(Deliveries::default())
         .context("cannot create Kafka producer")?;
     let opts = opts.clone();
     tokio::task::spawn_blocking(move || produce(&producer, &topic, &opts)).await?
 }
 
 fn produce(
-    producer: &ThreadedProducer<DefaultProducerContext>,
+    producer: &ThreadedProducer<Deliveries>,
     topic: &str,
     opts: &Options,
 ) -> anyhow::Result<u64> {
@@ -314,6 +340,17 @@ fn produce(
     producer
         .flush(Duration::from_secs(120))
         .context("flushing the producer")?;
+    let deliveries = producer.context();
+    let failed = deliveries.failed.load(std::sync::atomic::Ordering::Relaxed);
+    if failed > 0 {
+        let first = deliveries
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        anyhow::bail!("{failed} events were not delivered (first error: {first})");
+    }
     if opts.progress {
         let rate = opts.events as f64 / started.elapsed().as_secs_f64().max(1e-9);
         eprintln!(

@@ -153,6 +153,7 @@ impl Source for KafkaSource {
         let shared = Arc::new(Shared {
             ledgers: Mutex::new(HashMap::new()),
             paused: std::sync::atomic::AtomicBool::new(false),
+            brokers_down: std::sync::atomic::AtomicBool::new(false),
             stash: Mutex::new(VecDeque::new()),
             committed: Mutex::new(HashMap::new()),
             drain: Mutex::new(HashMap::new()),
@@ -230,6 +231,8 @@ struct Shared {
     /// Whether fetching is paused for backpressure. librdkafka keeps a partition's pause
     /// across rebalances, so partitions assigned later are set to match it.
     paused: std::sync::atomic::AtomicBool,
+    /// Set when librdkafka reports every broker down; cleared once a broker answers again.
+    brokers_down: std::sync::atomic::AtomicBool,
     flush: FlushTrigger,
     health: Health,
     revoke_timeout: Duration,
@@ -389,7 +392,36 @@ struct SourceCallbacks {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for SourceCallbacks {}
+/// What `/ready` names while no broker is reachable.
+const BROKERS_COMPONENT: &str = "kafka brokers";
+
+impl Shared {
+    /// Records whether every broker is down: `/ready` turns false, and a log line says so
+    /// once per change (librdkafka keeps reconnecting by itself).
+    fn set_brokers_down(&self, down: bool) {
+        use std::sync::atomic::Ordering;
+        if self.brokers_down.swap(down, Ordering::Relaxed) == down {
+            return;
+        }
+        if down {
+            tracing::warn!(source = %self.name, "every Kafka broker is unreachable; reconnecting");
+        } else {
+            tracing::info!(source = %self.name, "Kafka brokers reachable again");
+        }
+        self.health.set_failing(BROKERS_COMPONENT, down);
+        metrics::gauge!(m::BROKERS_DOWN).set(if down { 1.0 } else { 0.0 });
+    }
+}
+
+impl ClientContext for SourceCallbacks {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.shared.set_brokers_down(true);
+        } else {
+            tracing::warn!(source = %self.shared.name, %error, reason, "librdkafka error");
+        }
+    }
+}
 
 impl ConsumerContext for SourceCallbacks {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -487,6 +519,7 @@ impl Worker {
             if last_commit.elapsed() >= self.config.commit_interval {
                 self.shared.commit(&self.consumer, CommitMode::Async, None);
                 self.update_lag();
+                self.check_brokers();
                 last_commit = Instant::now();
             }
             if self.config.drain && self.drained() {
@@ -577,6 +610,7 @@ impl Worker {
             match consumer.poll(timeout) {
                 None => break,
                 Some(Ok(msg)) => {
+                    self.shared.set_brokers_down(false);
                     bytes += msg.payload_len() + msg.key_len();
                     msgs.push(msg);
                 }
@@ -633,6 +667,22 @@ impl Worker {
                     stash.push_back(batch);
                 }
             }
+        }
+    }
+
+    /// While every broker was reported down, asks for metadata: an answer means a broker is
+    /// reachable again even if no record arrives (an idle topic).
+    fn check_brokers(&self) {
+        if self
+            .shared
+            .brokers_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .consumer
+                .fetch_metadata(None, Duration::from_millis(500))
+                .is_ok()
+        {
+            self.shared.set_brokers_down(false);
         }
     }
 

@@ -11,6 +11,8 @@ pub const STAGE_ERRORS: &str = "sluice_stage_errors_total";
 pub const QUEUE_DEPTH: &str = "sluice_queue_depth";
 /// Capacity, in batches, of the queue a stage fills (label `stage`).
 pub const QUEUE_CAPACITY: &str = "sluice_queue_capacity";
+/// Sink writes in progress, retries included (label `stage`): 1 while a sink is flushing.
+pub const SINK_WRITES_IN_FLIGHT: &str = "sluice_sink_writes_in_flight";
 /// Items per batch written by a sink or emitted by a batcher (label `stage`).
 pub const BATCH_SIZE: &str = "sluice_batch_size";
 /// Seconds a sink took to write a batch, retries included (label `stage`).
@@ -25,6 +27,9 @@ pub const COMMITTED_OFFSET: &str = "sluice_committed_offset";
 pub const CONSUMER_LAG: &str = "sluice_consumer_lag";
 /// Whether the source has paused fetching because its output queue is full (0 or 1).
 pub const SOURCE_PAUSED: &str = "sluice_source_paused";
+
+/// Whether librdkafka reports every broker down for the source (0 or 1).
+pub const BROKERS_DOWN: &str = "sluice_brokers_down";
 
 /// Histogram buckets for [`FLUSH_SECONDS`].
 pub const FLUSH_SECONDS_BUCKETS: &[f64] = &[

@@ -353,9 +353,11 @@ pub(crate) async fn run_sink<S: Sink>(
     let c = Counters::new(&stage);
     let sizes = metrics::histogram!(m::BATCH_SIZE, "stage" => stage.to_string());
     let latency = metrics::histogram!(m::FLUSH_SECONDS, "stage" => stage.to_string());
+    let in_flight = metrics::gauge!(m::SINK_WRITES_IN_FLIGHT, "stage" => stage.to_string());
     while let Some(batch) = input.recv().await {
         c.items_in.increment(batch.len() as u64);
         let started = Instant::now();
+        in_flight.increment(1.0);
         let mut attempts = Attempts::new(&stage, "sink write", &retry, &health);
         loop {
             match sink.write(&batch).await {
@@ -364,6 +366,7 @@ pub(crate) async fn run_sink<S: Sink>(
             }
         }
         attempts.succeeded();
+        in_flight.decrement(1.0);
         latency.record(started.elapsed().as_secs_f64());
         sizes.record(batch.len() as f64);
         c.items_out.increment(batch.len() as u64);

@@ -2,6 +2,8 @@
 //! topics, fast producers, committed offsets and a sink that collects what it is given.
 //! Everything here talks to the real services started by `scripts/services.sh`.
 
+pub mod net;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -297,24 +299,27 @@ pub fn rss_of(pid: &str) -> u64 {
 
 /// A plain HTTP/1.1 GET on loopback: (status, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path)
+        .await
+        .unwrap_or_else(|| panic!("GET {path} on {addr}"))
+}
+
+/// [`http_get`], or `None` when nothing answers (a process that is restarting).
+pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream
         .write_all(
             format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await
-        .expect("write");
+        .ok()?;
     let mut buf = String::new();
-    stream.read_to_string(&mut buf).await.expect("read");
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
+    stream.read_to_string(&mut buf).await.ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
     let body = buf
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Some((status, body))
 }
