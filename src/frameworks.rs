@@ -61,14 +61,56 @@ pub async fn check_tables(client: &clickhouse::Client) -> Result<(), SinkError> 
     Ok(())
 }
 
-/// The ClickHouse client of the configuration.
+/// A client of the configured ClickHouse server, on its default database: URL, credentials
+/// and TLS (`https://` verifies against the system's roots, or `clickhouse.ca_file`).
+pub fn clickhouse_server(
+    config: &Config,
+) -> Result<clickhouse::Client, crate::config::ConfigError> {
+    let client = match &config.clickhouse.ca_file {
+        None => clickhouse::Client::default(),
+        Some(path) => https_client(path)?,
+    };
+    Ok(client
+        .with_url(config.clickhouse.url()?)
+        .with_user(&config.clickhouse.user)
+        .with_password(config.clickhouse.password.expose()))
+}
+
+/// A ClickHouse client whose HTTP(S) connections trust the CA certificates (PEM) in `path`
+/// besides the system's.
+fn https_client(path: &std::path::Path) -> Result<clickhouse::Client, crate::config::ConfigError> {
+    let bad = |message: String| crate::config::invalid("clickhouse.ca_file", message);
+    let pem =
+        std::fs::read(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+    let certs = native_tls::Certificate::stack_from_pem(&pem)
+        .map_err(|e| bad(format!("{} holds no PEM certificate: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(bad(format!("{} holds no PEM certificate", path.display())));
+    }
+    let mut tls = native_tls::TlsConnector::builder();
+    for cert in certs {
+        tls.add_root_certificate(cert);
+    }
+    let tls = tls
+        .build()
+        .map_err(|e| bad(format!("cannot set up TLS: {e}")))?;
+    // As the crate's own client: TCP keepalive, plain http:// allowed too, short idle pool.
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    http.enforce_http(false);
+    let https = hyper_tls::HttpsConnector::from((http, tls.into()));
+    Ok(clickhouse::Client::with_http_client(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(2))
+            .build(https),
+    ))
+}
+
+/// The ClickHouse client of the configuration, on the configured database.
 pub fn clickhouse_client(
     config: &Config,
 ) -> Result<clickhouse::Client, crate::config::ConfigError> {
-    Ok(clickhouse::Client::default()
-        .with_url(config.clickhouse.url()?)
-        .with_user(&config.clickhouse.user)
-        .with_password(config.clickhouse.password.expose())
+    Ok(clickhouse_server(config)?
         .with_database(&config.clickhouse.database)
         // Tables are partitioned by month and tenant: one batch may touch many partitions.
         .with_setting("max_partitions_per_insert_block", "1000"))

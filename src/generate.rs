@@ -37,6 +37,8 @@ pub struct Options {
     pub progress: bool,
     /// Key records by tenant and stream (see [`Generator::key_by_stream`]).
     pub key_by_stream: bool,
+    /// End of the hour the events span, Unix seconds (default: now).
+    pub until: Option<i64>,
 }
 
 /// Deterministic event maker.
@@ -93,6 +95,14 @@ impl Generator {
             total: total.max(1),
             key_by_stream: false,
         }
+    }
+
+    /// Spreads the events over the hour before `until` (Unix seconds) instead of before now.
+    pub fn until(mut self, until: Option<i64>) -> Self {
+        if let Some(end) = until {
+            self.start = end - self.span_secs;
+        }
+        self
     }
 
     /// Keys records by tenant and stream instead of by event id (the contract's producers use
@@ -299,8 +309,9 @@ fn produce(
     topic: &str,
     opts: &Options,
 ) -> anyhow::Result<u64> {
-    let mut generator =
-        Generator::new(opts.seed, opts.tenants, opts.events).key_by_stream(opts.key_by_stream);
+    let mut generator = Generator::new(opts.seed, opts.tenants, opts.events)
+        .key_by_stream(opts.key_by_stream)
+        .until(opts.until);
     let started = Instant::now();
     let mut last_report = Instant::now();
     for i in 0..opts.events {

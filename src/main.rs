@@ -78,6 +78,10 @@ enum Command {
         /// keep one order (FrameWorks' producers key by event id).
         #[arg(long)]
         key_by_stream: bool,
+        /// End of the hour the events span, as seconds since the Unix epoch (default: now);
+        /// with the same seed, the same value gives byte-identical events.
+        #[arg(long)]
+        until: Option<i64>,
     },
     /// Check the configuration and reach every service; print the effective settings with
     /// secrets redacted. Exits non-zero if anything is wrong.
@@ -131,6 +135,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             tenants,
             topic,
             key_by_stream,
+            until,
         } => {
             let config = load(config)?;
             let opts = generate::Options {
@@ -142,6 +147,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 tenants,
                 progress: true,
                 key_by_stream,
+                until,
             };
             generate::run(&config, &opts).await?;
             Ok(ExitCode::SUCCESS)
@@ -225,10 +231,7 @@ async fn check_kafka(config: &Config) -> anyhow::Result<String> {
 }
 
 async fn check_clickhouse(config: &Config) -> anyhow::Result<String> {
-    let client = clickhouse::Client::default()
-        .with_url(config.clickhouse.url()?)
-        .with_user(&config.clickhouse.user)
-        .with_password(config.clickhouse.password.expose());
+    let client = frameworks::clickhouse_server(config)?;
     let version: String = client
         .query("SELECT version()")
         .fetch_one()

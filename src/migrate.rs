@@ -9,10 +9,7 @@ use crate::config::Config;
 /// one line per migration.
 pub async fn clickhouse(config: &Config) -> anyhow::Result<Vec<String>> {
     let db = &config.clickhouse.database;
-    let root = clickhouse::Client::default()
-        .with_url(config.clickhouse.url()?)
-        .with_user(&config.clickhouse.user)
-        .with_password(config.clickhouse.password.expose());
+    let root = crate::frameworks::clickhouse_server(config)?;
     root.query("CREATE DATABASE IF NOT EXISTS ?")
         .bind(clickhouse::sql::Identifier(db))
         .execute()

@@ -1,9 +1,11 @@
-//! Network faults for outage tests: a TCP proxy the test can cut and restore, and a private
-//! Kafka-protocol broker that advertises such a proxy as its address.
+//! Network paths for outage and TLS tests: a TCP proxy the test can cut and restore (or that
+//! terminates TLS in front of a plain server), and a private Kafka-protocol broker that
+//! advertises such a proxy as its address.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -27,13 +29,38 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Forwards connections on `listen` to `target`.
     pub fn start(listen: SocketAddr, target: SocketAddr) -> Self {
+        Self::spawn(listen, target, None)
+    }
+
+    /// Accepts TLS on `listen` with the certificate and PKCS#8 key (PEM files) given, and
+    /// forwards the plain bytes to `target`.
+    pub fn start_tls(
+        listen: SocketAddr,
+        target: SocketAddr,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Self {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+        };
+        let identity =
+            native_tls::Identity::from_pkcs8(&read(cert), &read(key)).expect("certificate and key");
+        let acceptor = native_tls::TlsAcceptor::new(identity).expect("TLS acceptor");
+        Self::spawn(listen, target, Some(acceptor.into()))
+    }
+
+    fn spawn(
+        listen: SocketAddr,
+        target: SocketAddr,
+        tls: Option<tokio_native_tls::TlsAcceptor>,
+    ) -> Self {
         let (state, rx) = watch::channel(State::Open);
         let thread = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("proxy runtime")
-                .block_on(serve(listen, target, rx));
+                .block_on(serve(listen, target, tls.map(Arc::new), rx));
         });
         Self {
             state,
@@ -61,7 +88,12 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn serve(listen: SocketAddr, target: SocketAddr, mut state: watch::Receiver<State>) {
+async fn serve(
+    listen: SocketAddr,
+    target: SocketAddr,
+    tls: Option<Arc<tokio_native_tls::TlsAcceptor>>,
+    mut state: watch::Receiver<State>,
+) {
     loop {
         let now = *state.borrow_and_update();
         match now {
@@ -85,7 +117,7 @@ async fn serve(listen: SocketAddr, target: SocketAddr, mut state: watch::Receive
             tokio::select! {
                 accepted = listener.accept() => {
                     if let Ok((client, _)) = accepted {
-                        tokio::spawn(forward(client, target, state.clone()));
+                        tokio::spawn(forward(client, target, tls.clone(), state.clone()));
                     }
                 }
                 changed = state.changed() => {
@@ -101,17 +133,35 @@ async fn serve(listen: SocketAddr, target: SocketAddr, mut state: watch::Receive
     }
 }
 
-async fn forward(mut client: TcpStream, target: SocketAddr, mut state: watch::Receiver<State>) {
+async fn forward(
+    client: TcpStream,
+    target: SocketAddr,
+    tls: Option<Arc<tokio_native_tls::TlsAcceptor>>,
+    state: watch::Receiver<State>,
+) {
     let Ok(mut server) = TcpStream::connect(target).await else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
+    match tls {
+        None => copy_until_cut(client, &mut server, state).await,
+        Some(acceptor) => {
+            if let Ok(client) = acceptor.accept(client).await {
+                copy_until_cut(client, &mut server, state).await;
+            }
+        }
+    }
+}
+
+async fn copy_until_cut<S>(mut client: S, server: &mut TcpStream, mut state: watch::Receiver<State>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = tokio::io::copy_bidirectional(&mut client, server) => {}
         _ = state.wait_for(|s| *s != State::Open) => {
-            // Reset rather than close, as a broken path looks to both ends.
-            let _ = client.set_zero_linger();
+            // Reset rather than close, as a broken path looks to the server.
             let _ = server.set_zero_linger();
         }
     }
