@@ -309,8 +309,14 @@ async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Resu
         None => None,
     };
 
+    // The broker may not be up yet either: the dead-letter topic is created once it answers.
     let dlq_topic = config.kafka.dlq_topic();
-    ensure_topic(&config, &dlq_topic, 3).await?;
+    wait_usable(&handle, "kafka", || async {
+        ensure_topic(&config, &dlq_topic, 3)
+            .await
+            .map_err(|e| sluice_pipeline::SinkError::transient(format!("{e:#}")))
+    })
+    .await?;
     let dlq = DeadLetterSink::new(
         &config.kafka.brokers,
         &dlq_topic,
@@ -406,7 +412,7 @@ async fn ensure_topic(config: &Config, topic: &str, partitions: i32) -> anyhow::
     let results = admin
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
         )
         .await
         .with_context(|| format!("cannot create topic {topic}"))?;

@@ -126,6 +126,13 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
                 "table `{}` does not match the row type: {m}",
                 self.table
             )),
+            // UNKNOWN_TABLE, UNKNOWN_DATABASE: nothing created them yet.
+            clickhouse::error::Error::BadResponse(m) if matches!(error_code(&m), Some(60 | 81)) => {
+                SinkError::permanent(format!(
+                    "table `{}` or its database does not exist (run `sluice migrate`): {m}",
+                    self.table
+                ))
+            }
             other => classify(other),
         };
         let mut insert = self
