@@ -350,7 +350,10 @@ pub fn build(
             Stage::new("usage_records")
                 .workers(p.insert_concurrency)
                 .retry(retry.clone()),
-            move || ClickHouseSink::<UsageRow>::new(usage_client.clone(), "usage_records"),
+            move || {
+                ClickHouseSink::<UsageRow>::new(usage_client.clone(), "usage_records")
+                    .check_range("timestamp")
+            },
         );
     let reducer_limits = BatchLimits {
         max_bytes: p.batch_max_bytes,
@@ -407,7 +410,10 @@ impl Tables {
             Stage::new(table)
                 .workers(self.concurrency)
                 .retry(self.retry.clone()),
-            move || ClickHouseSink::<T>::new(client.clone(), table_name.clone()),
+            move || {
+                ClickHouseSink::<T>::new(client.clone(), table_name.clone())
+                    .check_range("timestamp")
+            },
         );
     }
 }

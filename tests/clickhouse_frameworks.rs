@@ -257,6 +257,91 @@ async fn a_retried_batch_lands_once_and_distinct_batches_with_equal_rows_both_la
     second.ack();
 }
 
+/// The state a plain `MergeTree` can be left in when it is killed during an insert: the
+/// deduplication record of a block kept, its rows gone (simulated with a lightweight delete,
+/// which keeps the record too). A retry with the same token skips the block; the check that
+/// follows an unanswered insert finds the missing rows and inserts them, once.
+#[tokio::test]
+async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
+    let client = fresh_database().await;
+    let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 5));
+    let rows: Vec<StreamEventRow> = (0..100)
+        .map(|i| {
+            match route(&event(
+                i,
+                "stream-lifecycle",
+                r#"{"internal_name":"s","status":"live"}"#,
+            ))
+            .expect("routes")
+            .remove(0)
+            {
+                TableRow::StreamEvent(r) => r,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+    let b = batch(&ledger, 0, rows);
+    let ch: std::net::SocketAddr = clickhouse_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("CLICKHOUSE_URL is http://IP:PORT");
+    let proxy_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let proxy = sluice_testkit::net::TcpProxy::start(proxy_addr, ch);
+    let via_proxy = client.clone().with_url(format!("http://{proxy_addr}"));
+    let mut sink =
+        ClickHouseSink::<StreamEventRow>::new(via_proxy, "stream_events").check_range("timestamp");
+    // The proxy listens in a moment.
+    let mut attempts = 0;
+    while let Err(e) = sink.write(&b).await {
+        attempts += 1;
+        assert!(attempts < 50, "the proxy listens: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    client
+        .query(
+            "DELETE FROM stream_events WHERE timestamp < \
+             (SELECT min(timestamp) FROM stream_events) + 30",
+        )
+        .execute()
+        .await
+        .expect("delete");
+    assert_eq!(count(&client, "stream_events").await, 70);
+    // A plain retry is deduplicated: the rows stay missing.
+    sink.write(&b).await.expect("retry");
+    assert_eq!(count(&client, "stream_events").await, 70);
+
+    // An insert that gets no answer is checked once its retry succeeds.
+    proxy.cut();
+    let err = sink.write(&b).await.expect_err("the path is cut");
+    assert!(err.is_transient(), "{err}");
+    proxy.restore();
+    let mut attempts = 0;
+    while let Err(e) = sink.write(&b).await {
+        attempts += 1;
+        assert!(attempts < 50, "the path came back: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&client, "stream_events").await, 100);
+    let distinct: u64 = client
+        .query("SELECT uniqExact(timestamp) FROM stream_events")
+        .fetch_one()
+        .await
+        .expect("distinct");
+    assert_eq!(distinct, 100, "each row once");
+    assert_eq!(sink.restore_missing(&b).await.expect("check"), 0);
+    assert_eq!(count(&client, "stream_events").await, 100);
+    let scratch: u64 = client
+        .query("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name LIKE 'sluice_check_%'")
+        .fetch_one()
+        .await
+        .expect("tables");
+    assert_eq!(scratch, 0, "scratch tables are dropped");
+    b.ack();
+}
+
 #[tokio::test]
 async fn viewer_metrics_5m_is_exact_under_many_small_inserts() {
     let client = fresh_database().await;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::analytics::Setup;
-use common::{as_refs, assert_ok, command, sigterm, sluice, table_digests, total_rows};
+use common::{as_refs, assert_ok, command, sigterm, sluice, table_diff, table_digests, total_rows};
 use sluice_testkit::net::{PrivateBroker, TcpProxy};
 use sluice_testkit::{create_pg_database, drop_pg_database, rss_of, try_http_get, unique};
 
@@ -100,7 +100,7 @@ impl Worker {
         let port = health.port().to_string();
         let mut env = as_refs(env);
         env.push(("HEALTH_PORT", &port));
-        command(config, &env, &["run"], "warn")
+        command(config, &env, &["run"], "info")
             .env("ENABLE_HEALTH_ENDPOINT", "true")
             .stdout(Stdio::null())
             .stderr(log)
@@ -309,6 +309,21 @@ async fn outages_during_a_steady_run_lose_and_double_nothing() {
         &sluice(&s.config, &as_refs(&env), &["run", "--drain"]),
     );
     let (got, want) = (table_digests(s.db()).await, table_digests(&env[2].1).await);
+    for ((table, _, a), (_, _, b)) in got.iter().zip(&want) {
+        if a != b {
+            eprintln!("{table}: rows counted differently (here, in the clean run):");
+            for (n, m, row) in table_diff(s.db(), &env[2].1, table).await {
+                eprintln!("  {n} {m} {row}");
+            }
+        }
+    }
+    if got != want {
+        let spans: Vec<&str> = log_text
+            .lines()
+            .filter(|l| l.contains("span") || l.contains("partitions"))
+            .collect();
+        eprintln!("worker log lines on spans:\n{}", spans.join("\n"));
+    }
     assert_eq!(
         got, want,
         "every table holds each event once, as a clean run does"

@@ -14,6 +14,7 @@ pub struct Batch<T> {
     pub items: Vec<T>,
     acks: AckSet,
     span: Option<Span>,
+    replayed: bool,
 }
 
 impl<T> Batch<T> {
@@ -23,6 +24,7 @@ impl<T> Batch<T> {
             items,
             acks,
             span: None,
+            replayed: false,
         }
     }
 
@@ -34,6 +36,7 @@ impl<T> Batch<T> {
             items,
             acks,
             span: None,
+            replayed: false,
         }
     }
 
@@ -46,6 +49,18 @@ impl<T> Batch<T> {
     pub fn with_span(mut self, span: Span) -> Self {
         self.span = Some(span);
         self
+    }
+
+    /// The same batch marked as a recorded span cut again whole after a restart or rebalance:
+    /// an earlier run may have written it, in whole or (if the sink crashed meanwhile) in part.
+    pub fn replayed(mut self) -> Self {
+        self.replayed = true;
+        self
+    }
+
+    /// Whether the batch is a recorded span cut again (see [`Batch::replayed`]).
+    pub fn is_replay(&self) -> bool {
+        self.replayed
     }
 
     /// The source span the batch was cut from, if it was cut by a span batcher: its items are
@@ -80,6 +95,7 @@ impl<T> Batch<T> {
             items,
             acks: self.acks,
             span: self.span,
+            replayed: self.replayed,
         }
     }
 

@@ -143,6 +143,9 @@ pub(crate) struct Cut<T> {
     pub(crate) span: Span,
     /// Cut again along a recorded span (already in the log).
     pub(crate) replay: bool,
+    /// Cut again from the span's first record: an earlier run may have written it in part
+    /// (a tail replay's batch was acknowledged, so written whole).
+    pub(crate) whole_replay: bool,
 }
 
 /// What an input's acknowledgements say about its partitions.
@@ -237,9 +240,11 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
                 .record(cut.rows.len() as f64);
             metrics::counter!(m::STAGE_ITEMS_OUT, "stage" => stage.clone())
                 .increment(cut.rows.len() as u64);
-            self.out
-                .send(Batch::new(cut.rows, cut.acks).with_span(cut.span))
-                .await?;
+            let mut batch = Batch::new(cut.rows, cut.acks).with_span(cut.span);
+            if cut.whole_replay {
+                batch = batch.replayed();
+            }
+            self.out.send(batch).await?;
         }
         Ok(())
     }
@@ -504,7 +509,7 @@ fn take<T>(
     part.deadline = None;
     let acks = std::mem::take(&mut part.acks);
     part.acks_seq = 0;
-    let (span, replay) = match replay {
+    let (span, replay, whole) = match replay {
         Some(plan) => {
             // Redelivery starting inside a span means its batch was acknowledged, so written:
             // only its tail comes again, and the repeated insert is skipped by its token.
@@ -512,7 +517,7 @@ fn take<T>(
             if whole && (plan.items != items || plan.last != part.last) {
                 tracing::warn!(partition = %tp, first = plan.first, last = plan.last, recorded_items = plan.items, items, "a recorded span came out differently this time (changed code or data?)");
             }
-            (plan, true)
+            (plan, true, whole)
         }
         None => (
             Span {
@@ -523,6 +528,7 @@ fn take<T>(
                 key: 0,
             },
             false,
+            false,
         ),
     };
     Some(Cut {
@@ -530,6 +536,7 @@ fn take<T>(
         acks,
         span,
         replay,
+        whole_replay: whole,
     })
 }
 

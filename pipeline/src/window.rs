@@ -391,7 +391,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             .into_iter()
             .map(|(k, acc)| self.agg.finish(window, k, acc))
             .collect();
-        let (span, replay) = match replay {
+        let (span, replay, whole) = match replay {
             Some(plan) => {
                 // A window whose first records were committed was written; only its tail
                 // comes again (see the span batcher).
@@ -399,7 +399,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                 if whole && (plan.items != pane.items || plan.last != pane.last) {
                     tracing::warn!(partition = %tp, window, first = plan.first, last = plan.last, recorded_items = plan.items, items = pane.items, "a recorded window span came out differently this time (changed code or data?)");
                 }
-                (plan, true)
+                (plan, true, whole)
             }
             None => (
                 Span {
@@ -410,6 +410,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                     key: window,
                 },
                 false,
+                false,
             ),
         };
         Some(Cut {
@@ -417,6 +418,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             acks: pane.acks,
             span,
             replay,
+            whole_replay: whole,
         })
     }
 }

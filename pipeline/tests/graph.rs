@@ -398,3 +398,105 @@ async fn async_operator_and_merge_of_branches() {
     assert_eq!(got, (0..50).map(|i| i * 10).collect::<Vec<_>>());
     assert_eq!(l.committable(), Some(50));
 }
+
+/// A span log in memory, preloaded with what an earlier run recorded.
+#[derive(Clone, Default)]
+struct MemorySpanLog(Arc<Mutex<Vec<sluice_pipeline::Span>>>);
+
+impl sluice_pipeline::SpanLog for MemorySpanLog {
+    async fn record(&self, spans: &[sluice_pipeline::Span]) -> Result<(), SinkError> {
+        self.0.lock().unwrap().extend_from_slice(spans);
+        Ok(())
+    }
+
+    async fn load(
+        &self,
+        tp: &TopicPartition,
+        from: i64,
+    ) -> Result<Vec<sluice_pipeline::Span>, SinkError> {
+        let spans = self.0.lock().unwrap();
+        Ok(spans
+            .iter()
+            .filter(|s| &s.tp == tp && s.last >= from)
+            .cloned()
+            .collect())
+    }
+}
+
+/// Records each batch's span and whether it was marked as a replay.
+#[derive(Clone, Default)]
+struct SpanRecorder(Arc<Mutex<Vec<(i64, i64, bool)>>>);
+
+impl Sink for SpanRecorder {
+    type Item = u64;
+
+    async fn write(&mut self, batch: &Batch<u64>) -> Result<(), SinkError> {
+        let span = batch.span().expect("a span batch");
+        self.0
+            .lock()
+            .unwrap()
+            .push((span.first, span.last, batch.is_replay()));
+        Ok(())
+    }
+}
+
+/// Cuts the records `start..30` (batches of 10 from `start`) along a log that holds the span
+/// 0..=9 of an earlier run; returns each batch's (first, last, marked as a replay).
+async fn cut_after_earlier_run(start: i64) -> Vec<(i64, i64, bool)> {
+    let tp = TopicPartition::new("t", 0);
+    let log = MemorySpanLog::default();
+    log.0.lock().unwrap().push(sluice_pipeline::Span {
+        tp: tp.clone(),
+        first: 0,
+        last: 9,
+        items: 10,
+        key: 0,
+    });
+    let ledger = ledger();
+    let mut batches = Vec::new();
+    let mut first = start;
+    while first < 30 {
+        let last = (first + 9).min(29);
+        let items = (first..=last)
+            .map(|i| sluice_pipeline::Sourced::new(&tp, i, i as u64))
+            .collect();
+        batches.push(Batch::from_handle(
+            items,
+            ledger.issue(first, last).expect("in order"),
+        ));
+        first = last + 1;
+    }
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let recorder = SpanRecorder::default();
+    let seen = recorder.clone();
+    pipeline
+        .source("source", BatchSource::new(batches))
+        .batch_spans(
+            "batch",
+            BatchLimits {
+                max_rows: 20,
+                max_bytes: usize::MAX,
+                max_linger: Duration::from_secs(60),
+            },
+            |_| 1,
+            log,
+        )
+        .sink("sink", move || recorder.clone());
+    pipeline.run().await.expect("runs");
+    assert_eq!(ledger.committable(), Some(30), "everything acknowledged");
+    seen.0.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn spans_cut_again_whole_are_marked_as_replays_and_tails_and_fresh_ones_are_not() {
+    // Redelivered from 0: the recorded span comes again whole, so it may be written in part.
+    assert_eq!(
+        cut_after_earlier_run(0).await,
+        vec![(0, 9, true), (10, 29, false)]
+    );
+    // Redelivered from 5: the span's first records were committed, so it was written whole.
+    assert_eq!(
+        cut_after_earlier_run(5).await,
+        vec![(0, 9, false), (10, 29, false)]
+    );
+}

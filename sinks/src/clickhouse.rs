@@ -85,9 +85,21 @@ pub fn dedup_token(table: &str, acks: &AckSet) -> String {
 }
 
 /// Writes batches of `T` into one table.
+///
+/// An insert that ends without an answer (the connection dropped: ClickHouse crashed or the
+/// network failed mid-request) is retried with the same token and then checked row by row
+/// against the table, and what is missing is inserted again: a plain `MergeTree` that is
+/// killed during an insert can keep the deduplication record of a block whose part it lost,
+/// so the retry alone would skip that block (observed with SIGKILL on ClickHouse 26.9). A
+/// recorded span cut again whole after a restart is checked the same way: the run that first
+/// wrote it may have been cut off by such a crash.
 pub struct ClickHouseSink<T> {
     client: Client,
     table: Arc<str>,
+    /// Column bounding the rows a check compares with (the batch's min..=max of it).
+    check_range: Option<Arc<str>>,
+    /// Token of the batch whose last insert ended without an answer.
+    unanswered: Option<String>,
     _row: PhantomData<fn(T)>,
 }
 
@@ -96,8 +108,20 @@ impl<T> Clone for ClickHouseSink<T> {
         Self {
             client: self.client.clone(),
             table: self.table.clone(),
+            check_range: self.check_range.clone(),
+            unanswered: None,
             _row: PhantomData,
         }
+    }
+}
+
+/// Whether a failed insert may have been applied in part: the request got no answer.
+fn unanswered(err: &clickhouse::error::Error) -> bool {
+    use clickhouse::error::Error as E;
+    match err {
+        E::Network(_) | E::TimedOut => true,
+        E::BadResponse(msg) => error_code(msg).is_none(),
+        _ => false,
     }
 }
 
@@ -108,8 +132,17 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
         Self {
             client: client.with_setting("async_insert", "0"),
             table: table.into(),
+            check_range: None,
+            unanswered: None,
             _row: PhantomData,
         }
+    }
+
+    /// Bounds the check after an unanswered insert to the table's rows whose `column` lies
+    /// within the batch's range (a time column keeps the check small on a large table).
+    pub fn check_range(mut self, column: &str) -> Self {
+        self.check_range = Some(column.into());
+        self
     }
 
     /// The table written to.
@@ -155,16 +188,116 @@ where
 
     async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
         let token = batch_token(&self.table, batch);
+        if let Err(e) = self.insert(batch, &token).await {
+            if unanswered(&e) {
+                self.unanswered = Some(token);
+            }
+            return Err(classify(e));
+        }
+        // A span cut again whole may have been in flight when ClickHouse crashed in an earlier run.
+        if self.unanswered.as_deref() == Some(token.as_str()) || batch.is_replay() {
+            let restored = self.restore_missing(batch).await?;
+            self.unanswered = None;
+            if restored > 0 {
+                tracing::warn!(table = %self.table, rows = restored, token = %token, "rows of an interrupted insert were missing after its retry (ClickHouse kept the deduplication record of a lost block); inserted them again");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
+    async fn insert(&self, batch: &Batch<T>, token: &str) -> Result<(), clickhouse::error::Error> {
         let mut insert = self
             .client
             .insert::<T>(&self.table)
-            .await
-            .map_err(classify)?
+            .await?
             .with_setting("insert_deduplication_token", token);
         for row in &batch.items {
-            insert.write(row).await.map_err(classify)?;
+            insert.write(row).await?;
         }
-        insert.end().await.map_err(classify)
+        insert.end().await
+    }
+
+    /// Compares the batch's rows with the table's (as multisets, within the check range) and
+    /// inserts the ones that are missing; returns how many were. Repeating it is harmless:
+    /// a second run finds nothing missing.
+    pub async fn restore_missing(&self, batch: &Batch<T>) -> Result<u64, SinkError> {
+        use clickhouse::sql::Identifier;
+        let token = batch_token(&self.table, batch);
+        // One scratch table per batch, so concurrent writers never share one.
+        let digest = twox_hash::XxHash3_128::oneshot(token.as_bytes());
+        let scratch = format!("sluice_check_{digest:032x}");
+        let drop_scratch = || {
+            self.client
+                .query("DROP TABLE IF EXISTS ?")
+                .bind(Identifier(&scratch))
+                .execute()
+        };
+        drop_scratch().await.map_err(classify)?;
+        self.client
+            .query("CREATE TABLE ? AS ? ENGINE = Memory")
+            .bind(Identifier(&scratch))
+            .bind(Identifier(&self.table))
+            .execute()
+            .await
+            .map_err(classify)?;
+        let result = self.insert_missing(batch, &scratch).await;
+        let dropped = drop_scratch().await;
+        let missing = result.map_err(classify)?;
+        if let Err(e) = dropped {
+            tracing::warn!(table = %scratch, error = %e, "cannot drop a scratch table");
+        }
+        Ok(missing)
+    }
+
+    async fn insert_missing(
+        &self,
+        batch: &Batch<T>,
+        scratch: &str,
+    ) -> Result<u64, clickhouse::error::Error> {
+        use clickhouse::sql::Identifier;
+        let mut insert = self.client.insert::<T>(scratch).await?;
+        for row in &batch.items {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        let missing_rows = match &self.check_range {
+            Some(_) => {
+                "SELECT * FROM ? EXCEPT ALL SELECT * FROM ? \
+                 WHERE ? BETWEEN (SELECT min(?) FROM ?) AND (SELECT max(?) FROM ?)"
+            }
+            None => "SELECT * FROM ? EXCEPT ALL SELECT * FROM ?",
+        };
+        // `INSERT INTO ?` (the table) comes first when `insert`; then the comparison's names.
+        let query = |prefix: &str, suffix: &str, insert: bool| {
+            let mut q = self
+                .client
+                .query(&format!("{prefix}{missing_rows}{suffix}"));
+            if insert {
+                q = q.bind(Identifier(&self.table));
+            }
+            q = q.bind(Identifier(scratch)).bind(Identifier(&self.table));
+            if let Some(c) = &self.check_range {
+                q = q
+                    .bind(Identifier(c))
+                    .bind(Identifier(c))
+                    .bind(Identifier(scratch))
+                    .bind(Identifier(c))
+                    .bind(Identifier(scratch));
+            }
+            q
+        };
+        let missing: u64 = query("SELECT count() FROM (", ")", false)
+            .fetch_one()
+            .await?;
+        if missing > 0 {
+            // Not deduplicated: these rows are known to be absent.
+            query("INSERT INTO ? SETTINGS insert_deduplicate = 0 ", "", true)
+                .execute()
+                .await?;
+        }
+        Ok(missing)
     }
 }
 

@@ -104,6 +104,27 @@ pub async fn table_digests(db: &str) -> Vec<(String, u64, u64)> {
     out
 }
 
+/// The rows of `table` whose count differs between databases `a` and `b` (at most 40), as
+/// (count in a, count in b, the row as TSV): what a failed digest comparison shows.
+pub async fn table_diff(a: &str, b: &str, table: &str) -> Vec<(u64, u64, String)> {
+    let side = |db: &str| {
+        format!(
+            "SELECT cityHash64(formatRow('TSV', *)) AS h, count() AS n, any(formatRow('TSV', *)) AS r \
+             FROM {db}.{table} GROUP BY h"
+        )
+    };
+    clickhouse("default")
+        .query(&format!(
+            "SELECT x.n, y.n, if(x.r != '', x.r, y.r) FROM ({}) AS x FULL OUTER JOIN ({}) AS y \
+             USING h WHERE x.n != y.n ORDER BY 3 LIMIT 40",
+            side(a),
+            side(b)
+        ))
+        .fetch_all()
+        .await
+        .expect("diff")
+}
+
 /// Rows in all tables.
 pub async fn total_rows(db: &str) -> u64 {
     table_digests(db).await.iter().map(|(_, n, _)| n).sum()
