@@ -16,7 +16,12 @@ fn queue_hops(c: &mut Criterion) {
         .expect("runtime");
     for per_batch in [100usize, 1_000] {
         let mut group = c.benchmark_group(format!("queue_hop/batch_{per_batch}"));
-        group.throughput(Throughput::Elements((BATCHES * per_batch) as u64));
+        let items = (BATCHES * per_batch) as u64;
+        // Items are u64s: 8 bytes each.
+        group.throughput(Throughput::ElementsAndBytes {
+            elements: items,
+            bytes: items * 8,
+        });
         for hops in [0usize, 4] {
             group.bench_function(format!("{hops}_hops"), |b| {
                 b.iter(|| {

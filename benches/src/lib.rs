@@ -1,18 +1,49 @@
-//! What Sluice's benchmarks share: building workloads for the runtime micro-benchmarks.
+//! What Sluice's benchmarks share: sample FrameWorks events, routed rows per table, a
+//! discarding HTTP server, and pipelines for the runtime micro-benchmarks.
 
-use sluice_pipeline::{Batch, BatchSource, Pipeline, PipelineConfig, Sink, SinkError};
+use sluice_pipeline::{
+    Batch, BatchLimits, BatchSource, Pipeline, PipelineConfig, Sink, SinkError, Sourced, Span,
+    SpanLog, TopicPartition,
+};
+use sluice_schemas::TableRow;
+use sluice_schemas::rows::{
+    ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow,
+    TrackListRow, ViewerMetricRow,
+};
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counts the items it is given (a sink that costs next to nothing).
-#[derive(Clone, Default)]
-pub struct CountSink(pub Arc<AtomicU64>);
+pub struct CountSink<T> {
+    /// Items written so far.
+    pub count: Arc<AtomicU64>,
+    item: PhantomData<fn(T)>,
+}
 
-impl Sink for CountSink {
-    type Item = u64;
+impl<T> Default for CountSink<T> {
+    fn default() -> Self {
+        Self {
+            count: Arc::default(),
+            item: PhantomData,
+        }
+    }
+}
 
-    async fn write(&mut self, batch: &Batch<u64>) -> Result<(), SinkError> {
-        self.0
+impl<T> Clone for CountSink<T> {
+    fn clone(&self) -> Self {
+        Self {
+            count: self.count.clone(),
+            item: PhantomData,
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Sink for CountSink<T> {
+    type Item = T;
+
+    async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
+        self.count
             .fetch_add(batch.items.len() as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -30,10 +61,215 @@ pub async fn run_hops(hops: usize, batches: usize, per_batch: usize) -> u64 {
     for i in 0..hops {
         flow = flow.map(format!("hop{i}").as_str(), |x: u64| x);
     }
-    let sink = CountSink::default();
-    let count = sink.0.clone();
+    let sink = CountSink::<u64>::default();
+    let count = sink.count.clone();
     flow.sink("count", move || sink.clone());
     // A benchmark input cannot fail: the stages are infallible.
     let _ = pipeline.run().await;
     count.load(Ordering::Relaxed)
+}
+
+/// A span log that keeps nothing (the batcher's own cost, without ClickHouse's).
+pub struct NoSpanLog;
+
+impl SpanLog for NoSpanLog {
+    async fn record(&self, _: &[Span]) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn load(&self, _: &TopicPartition, _: i64) -> Result<Vec<Span>, SinkError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Runs `batches` batches of `per_batch` sourced items (4 partitions, consecutive offsets,
+/// `item_bytes` each) through a span batcher into a counting sink; returns how many arrived.
+pub async fn run_span_batcher(batches: usize, per_batch: usize, item_bytes: usize) -> u64 {
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    let partitions: Vec<TopicPartition> = (0..4).map(|p| TopicPartition::new("bench", p)).collect();
+    let source = BatchSource::new((0..batches).map(move |b| {
+        let tp = &partitions[b % 4];
+        let start = ((b / 4) * per_batch) as i64;
+        Batch::unacked(
+            (0..per_batch as i64)
+                .map(|i| Sourced::new(tp, start + i, start + i))
+                .collect(),
+        )
+    }));
+    let sink = CountSink::<i64>::default();
+    let count = sink.count.clone();
+    pipeline
+        .source("source", source)
+        .batch_spans(
+            "batch",
+            BatchLimits::default(),
+            move |_| item_bytes,
+            NoSpanLog,
+        )
+        .sink("count", move || sink.clone());
+    let _ = pipeline.run().await;
+    count.load(Ordering::Relaxed)
+}
+
+/// FrameWorks events from the generator (fixed seed and hour, so every run measures the same
+/// bytes): (record value, `tenant_id` header).
+pub fn sample_events(n: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut generator = sluice_schemas::sample::Generator::new(1, 8, n).until(Some(SAMPLE_UNTIL));
+    (0..n)
+        .map(|i| {
+            let (_, value, tenant) = generator.event(i);
+            (value.into_bytes(), tenant.into_bytes())
+        })
+        .collect()
+}
+
+/// The end of the sample's hour (2026-11-01T00:00:00Z): inside every table's retention for
+/// years of ClickHouse TTL arithmetic, and the same in every run.
+pub const SAMPLE_UNTIL: i64 = 1_793_491_200;
+
+/// Routed rows, one vector per ClickHouse table, as the worker's per-table sinks receive them.
+#[derive(Default)]
+pub struct TableRows {
+    pub stream_events: Vec<StreamEventRow>,
+    pub connection_events: Vec<ConnectionEventRow>,
+    pub stream_health: Vec<StreamHealthRow>,
+    pub viewer_metrics: Vec<ViewerMetricRow>,
+    pub node_metrics: Vec<NodeMetricRow>,
+    pub routing_events: Vec<RoutingEventRow>,
+    pub track_lists: Vec<TrackListRow>,
+}
+
+impl TableRows {
+    /// Adds one routed row to its table's vector.
+    pub fn push(&mut self, row: TableRow) {
+        match row {
+            TableRow::StreamEvent(r) => self.stream_events.push(r),
+            TableRow::ConnectionEvent(r) => self.connection_events.push(r),
+            TableRow::StreamHealth(r) => self.stream_health.push(r),
+            TableRow::ViewerMetric(r) => self.viewer_metrics.push(r),
+            TableRow::NodeMetric(r) => self.node_metrics.push(r),
+            TableRow::RoutingEvent(r) => self.routing_events.push(r),
+            TableRow::TrackList(r) => self.track_lists.push(r),
+        }
+    }
+
+    /// Rows in all tables.
+    pub fn len(&self) -> usize {
+        self.stream_events.len()
+            + self.connection_events.len()
+            + self.stream_health.len()
+            + self.viewer_metrics.len()
+            + self.node_metrics.len()
+            + self.routing_events.len()
+            + self.track_lists.len()
+    }
+
+    /// Whether no table has a row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Inserts every table's rows with one INSERT each (RowBinary, the client's default lz4),
+    /// as the worker's ClickHouse sinks do.
+    pub async fn insert(
+        &self,
+        client: &clickhouse::Client,
+    ) -> Result<(), clickhouse::error::Error> {
+        insert(client, "stream_events", &self.stream_events).await?;
+        insert(client, "connection_events", &self.connection_events).await?;
+        insert(client, "stream_health_metrics", &self.stream_health).await?;
+        insert(client, "viewer_metrics", &self.viewer_metrics).await?;
+        insert(client, "node_metrics", &self.node_metrics).await?;
+        insert(client, "routing_events", &self.routing_events).await?;
+        insert(client, "track_list_events", &self.track_lists).await
+    }
+}
+
+async fn insert<T>(
+    client: &clickhouse::Client,
+    table: &str,
+    rows: &[T],
+) -> Result<(), clickhouse::error::Error>
+where
+    T: clickhouse::RowOwned + clickhouse::RowWrite,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client.insert::<T>(table).await?;
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+/// An HTTP/1.1 server on loopback that reads each request whole (chunked or sized body),
+/// throws the body away and answers `200 OK`: the ClickHouse client's encoding and transport
+/// cost without a server's. Returns its address; it runs until the runtime stops.
+pub async fn discarding_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(discard_requests(stream));
+        }
+    });
+    addr
+}
+
+async fn discard_requests(stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let mut stream = BufReader::with_capacity(1 << 16, stream);
+    let mut line = String::new();
+    loop {
+        // Request line and headers.
+        let (mut chunked, mut length) = (false, 0usize);
+        loop {
+            line.clear();
+            match stream.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let l = line.trim_end().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+                chunked = true;
+            } else if let Some(v) = l.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut sink = tokio::io::sink();
+        if chunked {
+            loop {
+                line.clear();
+                if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let size =
+                    usize::from_str_radix(line.trim_end().split(';').next().unwrap_or(""), 16)
+                        .unwrap_or(0);
+                // The chunk and its CRLF (the last chunk: just the final CRLF).
+                let mut part = (&mut stream).take(size as u64 + 2);
+                if tokio::io::copy(&mut part, &mut sink).await.is_err() {
+                    return;
+                }
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            let mut part = (&mut stream).take(length as u64);
+            if tokio::io::copy(&mut part, &mut sink).await.is_err() {
+                return;
+            }
+        }
+        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        if stream.get_mut().write_all(reply).await.is_err() {
+            return;
+        }
+    }
 }

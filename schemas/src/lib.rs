@@ -2,6 +2,7 @@
 
 pub mod event;
 pub mod rows;
+pub mod sample;
 
 pub use event::{DEFAULT_TENANT, DecodeError, Event, EventType};
 pub use rows::TableRow;
