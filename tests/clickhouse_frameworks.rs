@@ -57,6 +57,24 @@ fn batch<T>(ledger: &std::sync::Arc<PartitionLedger>, first: i64, items: Vec<T>)
     Batch::from_handle(items, ledger.issue(first, last).expect("in order"))
 }
 
+/// Row `index` of event `i` of type `kind` with `data`, as routing makes it.
+fn routed(i: usize, kind: &str, data: &str, index: usize) -> TableRow {
+    route(&event(i, kind, data)).expect("routes").remove(index)
+}
+
+/// Writes `b` until the sink succeeds (a path that is coming back), at most 5 s.
+async fn write_until_ok<T>(sink: &mut ClickHouseSink<T>, b: &Batch<T>, what: &str)
+where
+    T: clickhouse::RowOwned + clickhouse::RowWrite + Send + Sync,
+{
+    let mut attempts = 0;
+    while let Err(e) = sink.write(b).await {
+        attempts += 1;
+        assert!(attempts < 50, "{what}: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn count(client: &Client, table: &str) -> u64 {
     client
         .query(&format!("SELECT count() FROM {table}"))
@@ -227,14 +245,12 @@ async fn a_retried_batch_lands_once_and_distinct_batches_with_equal_rows_both_la
     let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 3));
     let rows: Vec<ViewerMetricRow> = (0..100)
         .map(|i| {
-            match route(&event(
+            match routed(
                 i,
                 "client-lifecycle",
                 r#"{"internal_name":"s","packets_sent":"10"}"#,
-            ))
-            .expect("routes")
-            .remove(1)
-            {
+                1,
+            ) {
                 TableRow::ViewerMetric(v) => v,
                 other => panic!("{other:?}"),
             }
@@ -267,14 +283,12 @@ async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
     let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 5));
     let rows: Vec<StreamEventRow> = (0..100)
         .map(|i| {
-            match route(&event(
+            match routed(
                 i,
                 "stream-lifecycle",
                 r#"{"internal_name":"s","status":"live"}"#,
-            ))
-            .expect("routes")
-            .remove(0)
-            {
+                0,
+            ) {
                 TableRow::StreamEvent(r) => r,
                 other => panic!("{other:?}"),
             }
@@ -294,12 +308,7 @@ async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
     let mut sink =
         ClickHouseSink::<StreamEventRow>::new(via_proxy, "stream_events").check_range("timestamp");
     // The proxy listens in a moment.
-    let mut attempts = 0;
-    while let Err(e) = sink.write(&b).await {
-        attempts += 1;
-        assert!(attempts < 50, "the proxy listens: {e}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    write_until_ok(&mut sink, &b, "the proxy listens").await;
     client
         .query(
             "DELETE FROM stream_events WHERE timestamp < \
@@ -318,12 +327,7 @@ async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
     let err = sink.write(&b).await.expect_err("the path is cut");
     assert!(err.is_transient(), "{err}");
     proxy.restore();
-    let mut attempts = 0;
-    while let Err(e) = sink.write(&b).await {
-        attempts += 1;
-        assert!(attempts < 50, "the path came back: {e}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    write_until_ok(&mut sink, &b, "the path came back").await;
     assert_eq!(count(&client, "stream_events").await, 100);
     let distinct: u64 = client
         .query("SELECT uniqExact(timestamp) FROM stream_events")

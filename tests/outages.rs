@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::analytics::Setup;
-use common::{as_refs, assert_ok, command, sigterm, sluice, table_diff, table_digests, total_rows};
+use common::{as_refs, command, sigterm, total_rows};
 use sluice_testkit::net::{PrivateBroker, TcpProxy};
-use sluice_testkit::{create_pg_database, drop_pg_database, rss_of, try_http_get, unique};
+use sluice_testkit::{rss_of, try_http_get, unique};
 
 const EVENTS: usize = 500_000;
 const RATE: u64 = 3_000;
@@ -298,25 +298,8 @@ async fn outages_during_a_steady_run_lose_and_double_nothing() {
     // Exactness: stream_analytics and usage against the independent reference, and every
     // ClickHouse table against a clean run of the same records.
     s.assert_exact().await;
-    let reference_pg = create_pg_database("sluice_ref").await;
-    let mut env = s.env.clone();
-    env[1].1 = unique("ref_group");
-    env[2].1 = unique("ref_db");
-    env[3].1 = reference_pg.clone();
-    assert_ok("migrate", &sluice(&s.config, &as_refs(&env), &["migrate"]));
-    assert_ok(
-        "reference run",
-        &sluice(&s.config, &as_refs(&env), &["run", "--drain"]),
-    );
-    let (got, want) = (table_digests(s.db()).await, table_digests(&env[2].1).await);
-    for ((table, _, a), (_, _, b)) in got.iter().zip(&want) {
-        if a != b {
-            eprintln!("{table}: rows counted differently (here, in the clean run):");
-            for (n, m, row) in table_diff(s.db(), &env[2].1, table).await {
-                eprintln!("  {n} {m} {row}");
-            }
-        }
-    }
+    let cmp = s.compare_with_clean_run().await;
+    let (got, want) = (cmp.got, cmp.want);
     if got != want {
         let spans: Vec<&str> = log_text
             .lines()
@@ -328,6 +311,5 @@ async fn outages_during_a_steady_run_lose_and_double_nothing() {
         got, want,
         "every table holds each event once, as a clean run does"
     );
-    drop_pg_database(&reference_pg).await;
     s.finish().await;
 }

@@ -13,10 +13,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::analytics::Setup;
-use common::{as_refs, assert_ok, command, sigterm, sluice, table_diff, table_digests};
-use sluice_testkit::{
-    committed_offsets, create_pg_database, drop_pg_database, try_http_get, unique,
-};
+use common::{as_refs, command, sigterm};
+use sluice_testkit::{committed_offsets, try_http_get, unique};
 
 const PARTITIONS: i32 = 12;
 
@@ -182,34 +180,18 @@ async fn workers_scale_out_by_consumer_group_and_survive_a_kill() {
     // Exactness: stream_analytics and usage against the independent reference, and every
     // ClickHouse table against a clean single-worker run of the same records.
     s.assert_exact().await;
-    let reference_pg = create_pg_database("sluice_scale_ref").await;
-    let mut env = s.env.clone();
-    env[1].1 = unique("scale_ref_group");
-    env[2].1 = unique("scale_ref_db");
-    env[3].1 = reference_pg.clone();
-    assert_ok("migrate", &sluice(&s.config, &as_refs(&env), &["migrate"]));
-    let t = Instant::now();
-    assert_ok(
-        "reference run",
-        &sluice(&s.config, &as_refs(&env), &["run", "--drain"]),
-    );
+    let cmp = s.compare_with_clean_run().await;
     eprintln!(
         "scale: one worker alone drained the same records in {:.1?}",
-        t.elapsed()
+        cmp.clean_run
     );
-    let (got, want) = (table_digests(s.db()).await, table_digests(&env[2].1).await);
-    for ((table, n, a), (_, m, b)) in got.iter().zip(&want) {
+    for ((table, n, _), (_, m, _)) in cmp.got.iter().zip(&cmp.want) {
         eprintln!("scale: {table:<22} {n:>9} rows (clean run {m})");
-        if a != b {
-            for (x, y, row) in table_diff(s.db(), &env[2].1, table).await {
-                eprintln!("  {x} {y} {row}");
-            }
-        }
     }
+    let (got, want) = (cmp.got, cmp.want);
     assert_eq!(
         got, want,
         "every table holds each event once, as a clean run does"
     );
-    drop_pg_database(&reference_pg).await;
     s.finish().await;
 }

@@ -208,15 +208,12 @@ where
 
 impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
     async fn insert(&self, batch: &Batch<T>, token: &str) -> Result<(), clickhouse::error::Error> {
-        let mut insert = self
+        let insert = self
             .client
             .insert::<T>(&self.table)
             .await?
             .with_setting("insert_deduplication_token", token);
-        for row in &batch.items {
-            insert.write(row).await?;
-        }
-        insert.end().await
+        write_rows(insert, batch).await
     }
 
     /// Compares the batch's rows with the table's (as multisets, within the check range) and
@@ -257,11 +254,7 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
         scratch: &str,
     ) -> Result<u64, clickhouse::error::Error> {
         use clickhouse::sql::Identifier;
-        let mut insert = self.client.insert::<T>(scratch).await?;
-        for row in &batch.items {
-            insert.write(row).await?;
-        }
-        insert.end().await?;
+        write_rows(self.client.insert::<T>(scratch).await?, batch).await?;
         let missing_rows = match &self.check_range {
             Some(_) => {
                 "SELECT * FROM ? EXCEPT ALL SELECT * FROM ? \
@@ -299,6 +292,17 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
         }
         Ok(missing)
     }
+}
+
+/// Writes every row of `batch` into `insert` and ends it.
+async fn write_rows<T: RowOwned + RowWrite>(
+    mut insert: clickhouse::insert::Insert<T>,
+    batch: &Batch<T>,
+) -> Result<(), clickhouse::error::Error> {
+    for row in &batch.items {
+        insert.write(row).await?;
+    }
+    insert.end().await
 }
 
 /// The span log table the migrations create.

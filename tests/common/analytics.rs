@@ -347,6 +347,43 @@ impl Setup {
         }
     }
 
+    /// Drains the same records with one fresh worker into fresh databases (the clean run);
+    /// prints the rows of every table that differs from this run's, and returns how long the
+    /// clean run took and both runs' (table, rows, digest).
+    pub async fn compare_with_clean_run(&self) -> super::TableComparison {
+        let reference_pg = create_pg_database("sluice_ref").await;
+        let mut env = self.env.clone();
+        env[1].1 = unique("ref_group");
+        env[2].1 = unique("ref_db");
+        env[3].1 = reference_pg.clone();
+        assert_ok(
+            "migrate",
+            &sluice(&self.config, &as_refs(&env), &["migrate"]),
+        );
+        let t = std::time::Instant::now();
+        assert_ok(
+            "clean run",
+            &sluice(&self.config, &as_refs(&env), &["run", "--drain"]),
+        );
+        let clean_run = t.elapsed();
+        let got = super::table_digests(self.db()).await;
+        let want = super::table_digests(&env[2].1).await;
+        for ((table, _, a), (_, _, b)) in got.iter().zip(&want) {
+            if a != b {
+                eprintln!("{table}: rows counted differently (here, in the clean run):");
+                for (n, m, row) in super::table_diff(self.db(), &env[2].1, table).await {
+                    eprintln!("  {n} {m} {row}");
+                }
+            }
+        }
+        drop_pg_database(&reference_pg).await;
+        super::TableComparison {
+            clean_run,
+            got,
+            want,
+        }
+    }
+
     pub async fn finish(self) {
         drop_pg_database(&self.pg_url).await;
         let _ = std::fs::remove_file(&self.config);

@@ -125,6 +125,17 @@ pub async fn table_diff(a: &str, b: &str, table: &str) -> Vec<(u64, u64, String)
         .expect("diff")
 }
 
+/// This run's tables against a clean run of the same records (see
+/// [`analytics::Setup::compare_with_clean_run`]).
+pub struct TableComparison {
+    /// How long the clean run took.
+    pub clean_run: std::time::Duration,
+    /// (table, rows, digest) of this run.
+    pub got: Vec<(String, u64, u64)>,
+    /// (table, rows, digest) of the clean run.
+    pub want: Vec<(String, u64, u64)>,
+}
+
 /// Rows in all tables.
 pub async fn total_rows(db: &str) -> u64 {
     table_digests(db).await.iter().map(|(_, n, _)| n).sum()
