@@ -50,6 +50,14 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Create the ClickHouse tables on this cluster (of the servers' `remote_servers`):
+        /// `Replicated…MergeTree` tables `<name>_local` behind `Distributed` tables `<name>`,
+        /// every statement `ON CLUSTER`.
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        /// Print the ClickHouse statements instead of running them (connects to nothing).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Produce a realistic FrameWorks event stream into the configured topic.
     Generate {
@@ -116,9 +124,32 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { config } => validate(config).await,
-        Command::Migrate { config } => {
+        Command::Migrate {
+            config,
+            cluster,
+            dry_run,
+        } => {
             let config = load(config)?;
-            for line in migrate::clickhouse(&config).await? {
+            if dry_run {
+                use std::fmt::Write as _;
+                let db = &config.clickhouse.database;
+                let mut text = String::from("-- database and migration ledger\n");
+                for stmt in migrate::setup_ddl(db, cluster.as_deref()) {
+                    let _ = writeln!(text, "{stmt};\n");
+                }
+                for (version, name, statements) in migrate::clickhouse_ddl(db, cluster.as_deref())?
+                {
+                    let _ = writeln!(text, "-- migration {version:04} {name}");
+                    for stmt in statements {
+                        let _ = writeln!(text, "{stmt};\n");
+                    }
+                }
+                // Written at once, so that a closed pipe (`| head`) ends it without a panic.
+                std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
+                    .context("cannot write the statements")?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            for line in migrate::clickhouse(&config, cluster.as_deref()).await? {
                 println!("{line}");
             }
             for line in migrate::postgres(&config).await? {

@@ -1,26 +1,67 @@
 //! `sluice migrate`: applies the ClickHouse DDL of `schemas/`, versioned and idempotent.
 
 use anyhow::Context;
+use sluice_schemas::cluster::{ClusterTarget, quote};
 use sluice_schemas::{CLICKHOUSE_MIGRATIONS, sql_statements};
 
 use crate::config::Config;
 
+/// The ClickHouse DDL of every migration, for one server or (with a cluster name) for a
+/// ClickHouse cluster: (version, name, statements).
+pub fn clickhouse_ddl(
+    database: &str,
+    cluster: Option<&str>,
+) -> anyhow::Result<Vec<(u32, &'static str, Vec<String>)>> {
+    CLICKHOUSE_MIGRATIONS
+        .iter()
+        .map(|(version, name, sql)| {
+            let statements = sql_statements(sql);
+            let statements = match cluster {
+                None => statements,
+                Some(cluster) => ClusterTarget { cluster, database }.rewrite_all(&statements)?,
+            };
+            Ok((*version, *name, statements))
+        })
+        .collect()
+}
+
+/// What runs before the migrations: the database and the `sluice_migrations` ledger.
+pub fn setup_ddl(database: &str, cluster: Option<&str>) -> [String; 2] {
+    match cluster {
+        Some(cluster) => {
+            let t = ClusterTarget { cluster, database };
+            [t.create_database(), t.migrations_table()]
+        }
+        None => [
+            format!("CREATE DATABASE IF NOT EXISTS {}", quote(database)),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {}.sluice_migrations (version UInt32, name String, applied_at DateTime DEFAULT now()) \
+                 ENGINE = ReplacingMergeTree ORDER BY version",
+                quote(database)
+            ),
+        ],
+    }
+}
+
 /// Applies every migration not yet recorded in `sluice_migrations`; returns what it did,
-/// one line per migration.
-pub async fn clickhouse(config: &Config) -> anyhow::Result<Vec<String>> {
+/// one line per migration. With `cluster`, every statement runs `ON CLUSTER` and the tables
+/// are `ReplicatedMergeTree` behind `Distributed` ones (see `sluice_schemas::cluster`).
+pub async fn clickhouse(config: &Config, cluster: Option<&str>) -> anyhow::Result<Vec<String>> {
     let db = &config.clickhouse.database;
+    let ddl = clickhouse_ddl(db, cluster)?;
+    let where_ = match cluster {
+        Some(c) => format!("clickhouse {db} on cluster {c}"),
+        None => format!("clickhouse {db}"),
+    };
     let root = crate::frameworks::clickhouse_server(config)?;
-    root.query("CREATE DATABASE IF NOT EXISTS ?")
-        .bind(clickhouse::sql::Identifier(db))
+    let [create_db, ledger] = setup_ddl(db, cluster);
+    root.query(&create_db)
         .execute()
         .await
         .with_context(|| format!("cannot create ClickHouse database `{db}`"))?;
     let client = root.with_database(db);
     client
-        .query(
-            "CREATE TABLE IF NOT EXISTS sluice_migrations (version UInt32, name String, applied_at DateTime DEFAULT now()) \
-             ENGINE = ReplacingMergeTree ORDER BY version",
-        )
+        .query(&ledger)
         .execute()
         .await
         .context("cannot create sluice_migrations")?;
@@ -30,14 +71,13 @@ pub async fn clickhouse(config: &Config) -> anyhow::Result<Vec<String>> {
         .await
         .context("cannot read sluice_migrations")?;
     let mut report = Vec::new();
-    for (version, name, sql) in CLICKHOUSE_MIGRATIONS {
-        if applied.contains(version) {
+    for (version, name, statements) in ddl {
+        if applied.contains(&version) {
             report.push(format!(
-                "clickhouse {db}: migration {version:04} {name} already applied"
+                "{where_}: migration {version:04} {name} already applied"
             ));
             continue;
         }
-        let statements = sql_statements(sql);
         for stmt in &statements {
             client.query(stmt).execute().await.with_context(|| {
                 format!(
@@ -48,13 +88,13 @@ pub async fn clickhouse(config: &Config) -> anyhow::Result<Vec<String>> {
         }
         client
             .query("INSERT INTO sluice_migrations (version, name) VALUES (?, ?)")
-            .bind(*version)
-            .bind(*name)
+            .bind(version)
+            .bind(name)
             .execute()
             .await
             .context("cannot record the migration")?;
         report.push(format!(
-            "clickhouse {db}: applied migration {version:04} {name} ({} statements)",
+            "{where_}: applied migration {version:04} {name} ({} statements)",
             statements.len()
         ));
     }

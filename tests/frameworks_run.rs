@@ -480,3 +480,64 @@ async fn sigkill_between_insert_and_commit_then_restart_lands_each_event_once() 
     assert_eq!(committed, events as i64, "committed to the end");
     let _ = std::fs::remove_file(&config);
 }
+
+/// No ClickHouse cluster (nor Keeper) runs here: the cluster DDL is checked by the real
+/// server's parser (`formatQuery`), and its use against a server without that cluster must
+/// fail at once, naming the cluster, before creating anything.
+#[tokio::test]
+async fn migrate_cluster_ddl_is_valid_clickhouse_and_a_missing_cluster_fails_naming_it() {
+    let db = unique("fw_cluster_db");
+    let config = common::config_path("sluice_cluster");
+    common::write_config(&config, 6000, "", "");
+    let env = [("CLICKHOUSE_DB", db.as_str())];
+    let out = sluice(
+        &config,
+        &env,
+        &["migrate", "--cluster", "analytics", "--dry-run"],
+    );
+    common::assert_ok("migrate --dry-run", &out);
+    let ddl = String::from_utf8_lossy(&out.stdout).into_owned();
+    let statements: Vec<String> = ddl
+        .split(";\n")
+        .map(|s| {
+            s.lines()
+                .filter(|l| !l.starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .filter(|s| !s.trim().is_empty())
+        .collect();
+    let client = common::clickhouse("default");
+    let (mut replicated, mut distributed) = (0, 0);
+    for stmt in &statements {
+        let formatted: String = client
+            .query("SELECT formatQuery(?)")
+            .bind(stmt)
+            .fetch_one()
+            .await
+            .unwrap_or_else(|e| panic!("ClickHouse refuses {stmt}: {e}"));
+        assert!(
+            formatted.contains(&db) && formatted.contains("ON CLUSTER analytics"),
+            "{formatted}"
+        );
+        replicated += formatted.contains("ENGINE = Replicated") as usize;
+        distributed += formatted.contains("ENGINE = Distributed(analytics") as usize;
+    }
+    // Ten tables, each local and distributed, and the migration ledger.
+    assert_eq!((replicated, distributed), (11, 10), "{ddl}");
+
+    let out = sluice(&config, &env, &["migrate", "--cluster", "nosuch"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'nosuch'") && err.contains("CLUSTER_DOESNT_EXIST"),
+        "{err}"
+    );
+    let created: u64 = client
+        .query("SELECT count() FROM system.databases WHERE name = ?")
+        .bind(&db)
+        .fetch_one()
+        .await
+        .expect("databases");
+    assert_eq!(created, 0, "nothing is created without the cluster");
+}

@@ -1,5 +1,6 @@
 //! FrameWorks event and row types, ClickHouse DDL and PostgreSQL migrations.
 
+pub mod cluster;
 pub mod event;
 pub mod rows;
 pub mod sample;
