@@ -1,5 +1,6 @@
 //! `sluice`: the command-line entry point of the Sluice pipeline worker.
 
+mod bench;
 mod config;
 mod frameworks;
 mod generate;
@@ -58,6 +59,63 @@ enum Command {
         /// Print the ClickHouse statements instead of running them (connects to nothing).
         #[arg(long)]
         dry_run: bool,
+    },
+    /// End-to-end throughput benchmark: fills a fresh topic, measures a plain consumer
+    /// (ceiling A), pre-encoded inserts (ceiling B), the worker into ClickHouse and into
+    /// ClickHouse + PostgreSQL, and the live latency; prints a table, writes JSON under
+    /// `--out` and regenerates BENCHMARKS.md.
+    Bench {
+        /// TOML configuration file (the worker phases use it too).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Events in the topic.
+        #[arg(long, default_value_t = 2_000_000)]
+        events: u64,
+        /// Partitions of the topic.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Seconds the latency probe feeds a live worker (0: skip the latency phase).
+        #[arg(long, default_value_t = 20)]
+        probe_secs: u64,
+        /// Events per second during the latency phase (0: half the worker's measured rate).
+        #[arg(long, default_value_t = 0)]
+        probe_rate: u64,
+        /// Skip the phase with the PostgreSQL reducer.
+        #[arg(long)]
+        skip_postgres: bool,
+        /// Directory for the JSON results and the phases' logs.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Markdown report to regenerate.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        markdown: PathBuf,
+        /// Do not write the Markdown report.
+        #[arg(long)]
+        no_markdown: bool,
+    },
+    /// `sluice bench`'s ceiling A, as its own process.
+    #[command(hide = true)]
+    BenchConsume {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        result: PathBuf,
+    },
+    /// `sluice bench`'s ceiling B, as its own process.
+    #[command(hide = true)]
+    BenchInsert {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        result: PathBuf,
     },
     /// Produce a realistic FrameWorks event stream into the configured topic.
     Generate {
@@ -124,6 +182,52 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { config } => validate(config).await,
+        Command::Bench {
+            config,
+            events,
+            partitions,
+            probe_secs,
+            probe_rate,
+            skip_postgres,
+            out,
+            markdown,
+            no_markdown,
+        } => {
+            let opts = bench::Options {
+                events,
+                partitions,
+                probe_secs,
+                probe_rate,
+                skip_postgres,
+                out_dir: out,
+                markdown: (!no_markdown).then_some(markdown),
+                config_path: config.clone(),
+            };
+            let config = load(config)?;
+            let report = bench::run(&config, &opts).await?;
+            print!("{}", report.table());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchConsume {
+            config,
+            topic,
+            group,
+            result,
+        } => {
+            let config = load(config)?;
+            tokio::task::spawn_blocking(move || bench::consume(&config, &topic, &group, &result))
+                .await??;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchInsert {
+            config,
+            from,
+            to,
+            result,
+        } => {
+            bench::insert(&load(config)?, &from, &to, &result).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate {
             config,
             cluster,

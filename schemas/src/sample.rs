@@ -75,6 +75,14 @@ impl Generator {
         self
     }
 
+    /// Spreads the events over `secs` seconds starting now (event time keeps pace with the wall
+    /// clock when they are produced at `total / secs` per second, as live traffic does).
+    pub fn live(mut self, secs: u64) -> Self {
+        self.span_secs = secs.max(1) as i64;
+        self.start = OffsetDateTime::now_utc().unix_timestamp();
+        self
+    }
+
     /// Keys records by tenant and stream instead of by event id (the contract's producers use
     /// the event id), so that each stream's events share a partition and have one order.
     pub fn key_by_stream(mut self, on: bool) -> Self {

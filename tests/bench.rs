@@ -1,0 +1,88 @@
+//! `sluice bench` end to end on a small topic, against the real broker, ClickHouse and
+//! PostgreSQL: every phase runs on the same events, ceiling B inserts exactly the rows the
+//! worker wrote, the probe sees its events, and the reports say where and what ran.
+
+use std::process::Command;
+
+#[test]
+fn bench_measures_every_phase_on_the_same_events_and_writes_its_reports() {
+    let dir = std::env::temp_dir().join(sluice_testkit::unique("sluice_bench"));
+    let markdown = dir.join("BENCHMARKS.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "bench",
+            "--events",
+            "20000",
+            "--partitions",
+            "4",
+            "--probe-secs",
+            "3",
+        ])
+        .arg("--out")
+        .arg(&dir)
+        .arg("--markdown")
+        .arg(&markdown)
+        .env("KAFKA_BROKERS", sluice_testkit::brokers())
+        .env("DATABASE_URL", sluice_testkit::postgres_url())
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .expect("run sluice bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for phase in [
+        "ceiling A: plain consumer",
+        "worker → ClickHouse ",
+        "ceiling B: pre-encoded inserts",
+        "worker → ClickHouse + PostgreSQL",
+        "latency at ",
+    ] {
+        assert!(stdout.contains(phase), "no {phase:?} in\n{stdout}");
+    }
+
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("latest.json")).expect("latest.json"),
+    )
+    .expect("JSON report");
+    let phases = report["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 4, "{report:#}");
+    for p in phases {
+        assert_eq!(p["events"], 20000, "{p}");
+        assert!(p["secs"].as_f64().unwrap_or(0.0) > 0.0, "{p}");
+        assert!(p["cpu_secs"].as_f64().unwrap_or(0.0) > 0.0, "{p}");
+        assert!(p["peak_rss"].as_u64().unwrap_or(0) > 1 << 20, "{p}");
+    }
+    let rows = |i: usize| phases[i]["rows"].as_u64().unwrap_or(0);
+    assert!(
+        rows(1) >= 20000,
+        "every event makes at least one row: {report:#}"
+    );
+    assert_eq!(rows(2), rows(1), "ceiling B inserts the worker's rows");
+    assert_eq!(rows(3), rows(1), "the reducer phase writes the same rows");
+    assert!(
+        phases[0]["bytes"].as_u64().unwrap_or(0) > 20000 * 100,
+        "ceiling A counts the bytes it read: {report:#}"
+    );
+    let latency = &report["latency"];
+    assert!(latency["samples"].as_u64().unwrap_or(0) >= 20, "{latency}");
+    assert_eq!(latency["unseen"], 0, "{latency}");
+    assert!(
+        latency["p50_ms"].as_f64().unwrap_or(f64::NAN) <= latency["p99_ms"].as_f64().unwrap_or(0.0),
+        "{latency}"
+    );
+
+    let md = std::fs::read_to_string(&markdown).expect("BENCHMARKS.md");
+    for needle in [
+        "sluice bench --events 20000",
+        "- commit: `",
+        "cores",
+        "| worker peak RSS ≤ 256 MB |",
+        "| p99 latency ≤ linger + 500 ms = 1000 ms",
+    ] {
+        assert!(md.contains(needle), "no {needle:?} in\n{md}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
