@@ -76,7 +76,7 @@ fn bench_measures_every_phase_on_the_same_events_and_writes_its_reports() {
 
     let md = std::fs::read_to_string(&markdown).expect("BENCHMARKS.md");
     for needle in [
-        "sluice bench --events 20000",
+        "-- bench --events 20000",
         "- commit: `",
         "cores",
         "| worker peak RSS ≤ 256 MB |",
