@@ -103,6 +103,8 @@ enum Command {
         #[arg(long)]
         group: String,
         #[arg(long)]
+        events: u64,
+        #[arg(long)]
         result: PathBuf,
     },
     /// `sluice bench`'s ceiling B, as its own process.
@@ -212,11 +214,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             topic,
             group,
+            events,
             result,
         } => {
             let config = load(config)?;
-            tokio::task::spawn_blocking(move || bench::consume(&config, &topic, &group, &result))
-                .await??;
+            tokio::task::spawn_blocking(move || {
+                bench::consume(&config, &topic, &group, events, &result)
+            })
+            .await??;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchInsert {
