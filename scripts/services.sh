@@ -145,7 +145,7 @@ up_clickhouse() {
   if pid_alive "$pidf"; then log "services: clickhouse: already running (pid $(cat "$pidf"))"; return; fi
   port_open 127.0.0.1 "$CH_HTTP_PORT" && fail clickhouse "port $CH_HTTP_PORT is taken by a process this script did not start"
   install_clickhouse
-  mkdir -p "$CH_DATA"
+  mkdir -p "$CH_DIR" "$CH_DATA"
   cat >"$CH_DIR/config.xml" <<EOF
 <clickhouse>
   <listen_host>127.0.0.1</listen_host>
