@@ -70,10 +70,15 @@ pub fn clickhouse_server(
         None => clickhouse::Client::default(),
         Some(path) => https_client(path)?,
     };
+    let compression = match config.clickhouse.compression {
+        crate::config::InsertCompression::Lz4 => clickhouse::Compression::Lz4,
+        crate::config::InsertCompression::None => clickhouse::Compression::None,
+    };
     Ok(client
         .with_url(config.clickhouse.url()?)
         .with_user(&config.clickhouse.user)
-        .with_password(config.clickhouse.password.expose()))
+        .with_password(config.clickhouse.password.expose())
+        .with_compression(compression))
 }
 
 /// A ClickHouse client whose HTTP(S) connections trust the CA certificates (PEM) in `path`
