@@ -199,15 +199,9 @@ impl Report {
                 p.peak_rss as f64 / 1_048_576.0
             );
         }
-        for (worker, label) in [
-            ("worker → ClickHouse", "worker → ClickHouse"),
-            (
-                "worker → ClickHouse + PostgreSQL",
-                "worker → ClickHouse + PostgreSQL",
-            ),
-        ] {
+        for worker in ["worker → ClickHouse", "worker → ClickHouse + PostgreSQL"] {
             if let Some(r) = self.ratio(worker) {
-                let _ = writeln!(t, "{label} / min(A, B): {:.0}%", r * 100.0);
+                let _ = writeln!(t, "{worker} / min(A, B): {:.0}%", r * 100.0);
             }
         }
         if let Some(l) = &self.latency {
@@ -831,13 +825,7 @@ pub async fn insert(config: &Config, from: &str, to: &str, result: &Path) -> any
         .await
         .context("insert failed")?;
     let secs = started.elapsed().as_secs_f64();
-    let mut landed = 0;
-    for (table, _) in TABLES {
-        landed += target
-            .query(&format!("SELECT count() FROM {table}"))
-            .fetch_one::<u64>()
-            .await?;
-    }
+    let (landed, _) = count_rows(config, to).await?;
     if landed != rows {
         bail!("ceiling B inserted {rows} rows but {to} holds {landed}");
     }
@@ -932,13 +920,7 @@ async fn probe(
     secs: u64,
 ) -> anyhow::Result<Latency> {
     wait_ready(port).await?;
-    let mut client = rdkafka::ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka.brokers);
-    for (k, v) in config.kafka.librdkafka_options()? {
-        if !sluice_pipeline::dead_letter::is_consumer_only(&k) {
-            client.set(k, v);
-        }
-    }
+    let mut client = config.kafka.producer_client()?;
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = client
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
@@ -1052,10 +1034,17 @@ fn probe_id(value: &str, tenant: &str) -> Option<uuid::Uuid> {
 
 async fn delete_topics(config: &Config, topics: &[String]) {
     use rdkafka::admin::{AdminClient, AdminOptions};
-    let mut client = rdkafka::ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka.brokers);
-    let Ok(admin) = client.create::<AdminClient<rdkafka::client::DefaultClientContext>>() else {
-        return;
+    let admin = config
+        .kafka
+        .producer_client()
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(c.create::<AdminClient<rdkafka::client::DefaultClientContext>>()?));
+    let admin = match admin {
+        Ok(admin) => admin,
+        Err(e) => {
+            tracing::warn!("cannot delete the bench topics: {e}");
+            return;
+        }
     };
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     if let Err(e) = admin.delete_topics(&names, &AdminOptions::new()).await {

@@ -121,6 +121,19 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// A librdkafka client of the brokers with every configured property a producer or admin
+    /// client accepts (TLS, SASL, …), for `generate`, topic creation and the bench's probe.
+    pub fn producer_client(&self) -> Result<rdkafka::ClientConfig, ConfigError> {
+        let mut client = rdkafka::ClientConfig::new();
+        client.set("bootstrap.servers", &self.brokers);
+        for (k, v) in self.librdkafka_options()? {
+            if !sluice_pipeline::dead_letter::is_consumer_only(&k) {
+                client.set(k, v);
+            }
+        }
+        Ok(client)
+    }
+
     /// librdkafka properties as strings (TOML numbers and booleans are accepted).
     pub fn librdkafka_options(&self) -> Result<BTreeMap<String, String>, ConfigError> {
         self.options

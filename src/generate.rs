@@ -66,13 +66,7 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<u64> {
         .or_else(|| config.kafka.topics.first().cloned())
         .context("no topic configured")?;
     crate::ensure_topic(config, &topic, opts.partitions).await?;
-    let mut client = rdkafka::ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka.brokers);
-    for (k, v) in config.kafka.librdkafka_options()? {
-        if !sluice_pipeline::dead_letter::is_consumer_only(&k) {
-            client.set(k, v);
-        }
-    }
+    let client = config.kafka.producer_client()?;
     // Idempotent, so that retries after a broken connection do not write an event twice.
     let producer: ThreadedProducer<Deliveries> = client
         .clone()

@@ -539,13 +539,7 @@ where
 /// Creates `topic` unless it exists (brokers need not auto-create topics).
 async fn ensure_topic(config: &Config, topic: &str, partitions: i32) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let mut client = rdkafka::ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka.brokers);
-    for (k, v) in config.kafka.librdkafka_options()? {
-        if !sluice_pipeline::dead_letter::is_consumer_only(&k) {
-            client.set(k, v);
-        }
-    }
+    let client = config.kafka.producer_client()?;
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = client
         .create()
         .context("cannot create Kafka admin client")?;
