@@ -275,6 +275,10 @@ pub struct PipelineSettings {
     pub batch_linger_ms: u64,
     /// Concurrent inserts per table.
     pub insert_concurrency: usize,
+    /// One batch per table holds the rows of all partitions (one insert per linger or per
+    /// `batch_max_rows`, however many partitions); `false` cuts one batch per partition,
+    /// which crash replays can cut again identically.
+    pub batch_across_partitions: bool,
     /// Retries of a failing write before the worker gives up; unset: retry without limit.
     pub max_retries: Option<u32>,
     /// Longest wait between retries, milliseconds.
@@ -301,6 +305,7 @@ impl Default for PipelineSettings {
             batch_max_bytes: 16 << 20,
             batch_linger_ms: 500,
             insert_concurrency: 2,
+            batch_across_partitions: true,
             max_retries: None,
             max_backoff_ms: 10_000,
             drain_deadline_secs: 30,
@@ -566,6 +571,10 @@ impl Config {
         line(
             "pipeline.insert_concurrency",
             p.insert_concurrency.to_string(),
+        );
+        line(
+            "pipeline.batch_across_partitions",
+            p.batch_across_partitions.to_string(),
         );
         line(
             "pipeline.max_retries",

@@ -319,11 +319,14 @@ pub fn build(
         }
     });
 
+    // The tables' logs share their inserts (see `ClickHouseSpanLog::for_table`).
+    let spans = ClickHouseSpanLog::new(client.clone(), config.kafka.group_id.as_str(), "");
     let t = Tables {
+        spans,
         client,
-        group: config.kafka.group_id.as_str().into(),
         limits,
         concurrency: p.insert_concurrency,
+        across: p.batch_across_partitions,
         retry: retry.clone(),
     };
     t.add::<StreamEventRow>(f_stream_events, "stream_events");
@@ -342,7 +345,7 @@ pub fn build(
         cluster_id: p.cluster_id.clone(),
         window_secs: p.usage_window_secs,
     };
-    let usage_log = ClickHouseSpanLog::new(t.client.clone(), t.group.clone(), "usage_records");
+    let usage_log = t.spans.for_table("usage_records");
     let usage_client = t.client.clone();
     f_usage
         .window(
@@ -389,29 +392,33 @@ pub fn build(
 /// What every table's batcher and sink share.
 struct Tables {
     client: clickhouse::Client,
-    group: Arc<str>,
     limits: BatchLimits,
     concurrency: usize,
+    across: bool,
     retry: RetryPolicy,
+    /// One span log whose inserts every table's batcher shares.
+    spans: ClickHouseSpanLog,
 }
 
 impl Tables {
-    /// Span batcher (cuts recorded in `sluice_batch_spans`) and concurrent inserts for `table`.
+    /// Span batcher (cuts recorded in `sluice_batch_spans`; across partitions or one per
+    /// partition) and concurrent inserts for `table`.
     fn add<T>(&self, flow: Flow<Sourced<T>>, table: &str)
     where
         T: RowOwned + RowWrite + Send + Sync,
     {
         let client = self.client.clone();
         let table_name = table.to_owned();
-        let log = ClickHouseSpanLog::new(self.client.clone(), self.group.clone(), table);
+        let log = self.spans.for_table(table);
+        let stage = Stage::new(format!("{table}.batch")).retry(self.retry.clone());
         // Rows are small and similar: a fixed estimate keeps the byte limit cheap to apply.
-        flow.batch_spans(
-            Stage::new(format!("{table}.batch")).retry(self.retry.clone()),
-            self.limits.clone(),
-            |_| 128,
-            log,
-        )
-        .sink(
+        let size_of = |_: &T| 128;
+        let batches = if self.across {
+            flow.batch_spans_across(stage, self.limits.clone(), size_of, log)
+        } else {
+            flow.batch_spans(stage, self.limits.clone(), size_of, log)
+        };
+        batches.sink(
             Stage::new(table)
                 .workers(self.concurrency)
                 .retry(self.retry.clone()),

@@ -3,6 +3,19 @@
 
 use crate::ack::{AckHandle, AckSet};
 use crate::span::Span;
+use std::sync::Arc;
+
+/// Counts the batches a stage sent that are not dropped yet (a sink drops a batch once it
+/// has written it).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct InFlight(Arc<()>);
+
+impl InFlight {
+    /// Batches sent and not yet dropped.
+    pub(crate) fn count(&self) -> usize {
+        Arc::strong_count(&self.0) - 1
+    }
+}
 
 /// A micro-batch of items with the acknowledgement shares of the records they derive from.
 ///
@@ -13,8 +26,10 @@ pub struct Batch<T> {
     /// The items, in source order within each partition.
     pub items: Vec<T>,
     acks: AckSet,
-    span: Option<Span>,
+    spans: Vec<Span>,
     replayed: bool,
+    recovered: bool,
+    in_flight: Option<InFlight>,
 }
 
 impl<T> Batch<T> {
@@ -23,8 +38,10 @@ impl<T> Batch<T> {
         Self {
             items,
             acks,
-            span: None,
+            spans: Vec::new(),
             replayed: false,
+            recovered: false,
+            in_flight: None,
         }
     }
 
@@ -35,8 +52,10 @@ impl<T> Batch<T> {
         Self {
             items,
             acks,
-            span: None,
+            spans: Vec::new(),
             replayed: false,
+            recovered: false,
+            in_flight: None,
         }
     }
 
@@ -45,9 +64,10 @@ impl<T> Batch<T> {
         Self::new(items, AckSet::new())
     }
 
-    /// The same batch marked as cut from exactly `span` (see [`Flow::batch_spans`](crate::Flow::batch_spans)).
-    pub fn with_span(mut self, span: Span) -> Self {
-        self.span = Some(span);
+    /// The same batch marked as cut from exactly `spans` (see [`Flow::batch_spans`](crate::Flow::batch_spans)):
+    /// one span, or one per partition for a batch cut across partitions.
+    pub fn with_spans(mut self, spans: Vec<Span>) -> Self {
+        self.spans = spans;
         self
     }
 
@@ -58,15 +78,34 @@ impl<T> Batch<T> {
         self
     }
 
+    /// The same batch counted in `in_flight` until it is dropped.
+    pub(crate) fn tracked(mut self, in_flight: &InFlight) -> Self {
+        self.in_flight = Some(in_flight.clone());
+        self
+    }
+
     /// Whether the batch is a recorded span cut again (see [`Batch::replayed`]).
     pub fn is_replay(&self) -> bool {
         self.replayed
     }
 
-    /// The source span the batch was cut from, if it was cut by a span batcher: its items are
-    /// exactly those derived from the span's records, in any run.
-    pub fn span(&self) -> Option<&Span> {
-        self.span.as_ref()
+    /// The same batch marked as redelivered records whose earlier batch held other records
+    /// too (a batch cut across partitions): an earlier run may have written any of its items,
+    /// under another batch's identity, so a sink writes only the items it lacks.
+    pub fn recovered(mut self) -> Self {
+        self.recovered = true;
+        self
+    }
+
+    /// Whether the batch must be written as the items the sink lacks (see [`Batch::recovered`]).
+    pub fn is_recovered(&self) -> bool {
+        self.recovered
+    }
+
+    /// The source spans the batch was cut from, if a span batcher cut it (empty otherwise):
+    /// its items are exactly those derived from the spans' records.
+    pub fn spans(&self) -> &[Span] {
+        &self.spans
     }
 
     /// The acknowledgement shares.
@@ -94,8 +133,10 @@ impl<T> Batch<T> {
         Batch {
             items,
             acks: self.acks,
-            span: self.span,
+            spans: self.spans,
             replayed: self.replayed,
+            recovered: self.recovered,
+            in_flight: self.in_flight,
         }
     }
 

@@ -737,7 +737,7 @@ impl<T: Send + 'static> Flow<T> {
 
 impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     /// Aggregates items into event-time tumbling windows per source partition (see
-    /// [`crate::window`]): each window's rows leave as one batch whose [`Batch::span`] names
+    /// [`crate::window`]): each window's rows leave as one batch whose [`Batch::spans`] names
     /// the partition, window and records it was cut from, recorded in `log` first, so a
     /// deduplicating sink writes every window row exactly once across crashes and rebalances.
     ///
@@ -774,7 +774,7 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     /// `limits.max_rows` items, after `limits.max_linger`, at a flush request; `max_bytes`
     /// bounds what all partitions hold together) and records each cut in `log` before passing
     /// it on. Records redelivered after a crash or rebalance are cut again along the recorded
-    /// spans, so each output batch ([`Batch::span`]) holds the same items in every run.
+    /// spans, so each output batch ([`Batch::spans`]) holds the same items in every run.
     ///
     /// Needs each partition's items in offset order (a keyed split, see [`Split::keyed`](crate::Split::keyed)).
     pub fn batch_spans<F, L>(
@@ -788,13 +788,51 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
         F: Fn(&T) -> usize + Send + Sync + 'static,
         L: crate::span::SpanLog,
     {
-        let stage = stage.into();
+        self.span_batcher(stage.into(), limits, size_of, log, false)
+    }
+
+    /// As [`Flow::batch_spans`], but every cut takes the rows of all partitions together
+    /// (`limits` apply to their sum), so a sink gets one batch per linger or per `max_rows`
+    /// whatever the number of partitions. Each batch names one span per partition
+    /// ([`Batch::spans`]), keyed [`Span::ACROSS`](crate::Span::ACROSS).
+    ///
+    /// Such a batch cannot be cut again after a crash, because its other partitions may go to
+    /// other workers: redelivered records whose span was recorded go out as
+    /// [`Batch::recovered`] batches (written as the items the sink lacks), or, when redelivery
+    /// starts inside a span (its batch was acknowledged), are not written again.
+    pub fn batch_spans_across<F, L>(
+        self,
+        stage: impl Into<Stage>,
+        limits: BatchLimits,
+        size_of: F,
+        log: L,
+    ) -> Flow<T>
+    where
+        F: Fn(&T) -> usize + Send + Sync + 'static,
+        L: crate::span::SpanLog,
+    {
+        self.span_batcher(stage.into(), limits, size_of, log, true)
+    }
+
+    fn span_batcher<F, L>(
+        self,
+        stage: Stage,
+        limits: BatchLimits,
+        size_of: F,
+        log: L,
+        across: bool,
+    ) -> Flow<T>
+    where
+        F: Fn(&T) -> usize + Send + Sync + 'static,
+        L: crate::span::SpanLog,
+    {
         let graph = self.graph;
         let (tx, rx) = graph.queue(&stage);
         let batcher = crate::span::SpanBatcher {
             io: span_io(&graph, &stage, tx, log),
             limits,
             size_of,
+            across,
         };
         let flush = graph.flush_signal();
         graph.add_task(
@@ -822,5 +860,6 @@ fn span_io<T, L>(
             .clone()
             .unwrap_or_else(|| graph.config.retry.clone()),
         health: graph.health.clone(),
+        in_flight: Default::default(),
     }
 }

@@ -7,11 +7,11 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::ack::{AckSet, TopicPartition};
-use crate::batch::Batch;
+use crate::batch::{Batch, InFlight};
 use crate::error::{PipelineError, SinkError};
 use crate::lifecycle::Health;
 use crate::metrics as m;
@@ -53,8 +53,14 @@ pub struct Span {
     /// Items in the batch.
     pub items: u64,
     /// Which sub-stream of the partition the span cuts (the window start for window spans);
-    /// 0 for plain span batches.
+    /// 0 for plain span batches, [`Span::ACROSS`] for spans cut into a batch across partitions.
     pub key: i64,
+}
+
+impl Span {
+    /// The key of a span whose batch held other partitions' spans too: a replay cannot cut
+    /// that batch again, so its records are written as the rows a sink lacks.
+    pub const ACROSS: i64 = i64::MIN;
 }
 
 /// Where a span batcher records its cuts (before the batches are written) and finds them
@@ -189,6 +195,8 @@ pub(crate) struct SpanIo<T, L> {
     pub(crate) log: L,
     pub(crate) retry: RetryPolicy,
     pub(crate) health: Health,
+    /// The batches sent and not yet written.
+    pub(crate) in_flight: InFlight,
 }
 
 impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
@@ -210,8 +218,15 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
         }
     }
 
-    /// Records the new spans, then sends every cut downstream.
-    pub(crate) async fn emit(&self, cuts: Vec<Cut<T>>) -> Result<(), PipelineError> {
+    /// Records the new spans, then sends the cuts downstream: each alone, or, with `across`,
+    /// the fresh ones together as one batch.
+    ///
+    /// A replayed span whose batch held other partitions' spans ([`Span::ACROSS`]) cannot be
+    /// written under that batch's identity again: cut again whole, it goes out (with the
+    /// other such spans) as a [`Batch::recovered`] batch, written as the rows the sink lacks;
+    /// a tail is dropped, because redelivery that starts inside a span means its batch was
+    /// acknowledged, so written.
+    pub(crate) async fn emit(&self, cuts: Vec<Cut<T>>, across: bool) -> Result<(), PipelineError> {
         if cuts.is_empty() {
             return Ok(());
         }
@@ -232,29 +247,90 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
             attempts.succeeded();
         }
         let stage = self.stage.to_string();
-        for cut in cuts {
-            if cut.replay {
-                metrics::counter!(m::SPANS_REPLAYED, "stage" => stage.clone()).increment(1);
-            }
-            metrics::histogram!(m::BATCH_SIZE, "stage" => stage.clone())
-                .record(cut.rows.len() as f64);
+        let replayed = cuts.iter().filter(|c| c.replay).count();
+        if replayed > 0 {
+            metrics::counter!(m::SPANS_REPLAYED, "stage" => stage.clone())
+                .increment(replayed as u64);
+        }
+        for batch in batches(cuts, across) {
+            metrics::histogram!(m::BATCH_SIZE, "stage" => stage.clone()).record(batch.len() as f64);
             metrics::counter!(m::STAGE_ITEMS_OUT, "stage" => stage.clone())
-                .increment(cut.rows.len() as u64);
-            let mut batch = Batch::new(cut.rows, cut.acks).with_span(cut.span);
-            if cut.whole_replay {
-                batch = batch.replayed();
-            }
-            self.out.send(batch).await?;
+                .increment(batch.len() as u64);
+            self.out.send(batch.tracked(&self.in_flight)).await?;
         }
         Ok(())
     }
 }
+
+/// The batches that carry `cuts` (see [`SpanIo::emit`]).
+fn batches<T>(cuts: Vec<Cut<T>>, across: bool) -> Vec<Batch<T>> {
+    let mut out = Vec::new();
+    let mut together = Merged::default();
+    let mut recovered = Merged::default();
+    for cut in cuts {
+        if cut.replay && cut.span.key == Span::ACROSS {
+            if cut.whole_replay {
+                recovered.add(cut);
+            } else {
+                tracing::debug!(partition = %cut.span.tp, first = cut.span.first, last = cut.span.last, "the tail of a span written across partitions came again; its batch was acknowledged, so it is not written again");
+                cut.acks.release();
+            }
+        } else if across && !cut.replay {
+            together.add(cut);
+        } else {
+            let whole = cut.whole_replay;
+            let batch = Batch::new(cut.rows, cut.acks).with_spans(vec![cut.span]);
+            out.push(if whole { batch.replayed() } else { batch });
+        }
+    }
+    out.extend(together.into_batch());
+    out.extend(recovered.into_batch().map(Batch::recovered));
+    out
+}
+
+/// Cuts of several partitions gathered into one batch.
+struct Merged<T> {
+    rows: Vec<T>,
+    acks: AckSet,
+    spans: Vec<Span>,
+}
+
+impl<T> Default for Merged<T> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            acks: AckSet::new(),
+            spans: Vec::new(),
+        }
+    }
+}
+
+impl<T> Merged<T> {
+    fn add(&mut self, cut: Cut<T>) {
+        if self.rows.is_empty() {
+            self.rows = cut.rows;
+        } else {
+            self.rows.extend(cut.rows);
+        }
+        self.acks.merge(cut.acks);
+        self.spans.push(cut.span);
+    }
+
+    fn into_batch(self) -> Option<Batch<T>> {
+        (!self.spans.is_empty()).then(|| Batch::new(self.rows, self.acks).with_spans(self.spans))
+    }
+}
+
+/// How often a batcher whose linger passed looks again whether its batches are written.
+const BUSY_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The span batcher task behind [`Flow::batch_spans`](crate::Flow::batch_spans).
 pub(crate) struct SpanBatcher<T, F, L> {
     pub(crate) io: SpanIo<T, L>,
     pub(crate) limits: BatchLimits,
     pub(crate) size_of: F,
+    /// Cut all partitions' rows together: one batch (and insert) per cut, not one per partition.
+    pub(crate) across: bool,
 }
 
 impl<T, F, L> SpanBatcher<T, F, L>
@@ -265,49 +341,92 @@ where
 {
     pub(crate) async fn run(
         self,
+        input: Input<Sourced<T>>,
+        flush: watch::Receiver<u64>,
+    ) -> Result<(), PipelineError> {
+        // Cuts are recorded and sent by a second loop, so the batcher keeps taking input while
+        // the span log is written (a round trip to its store per cut).
+        let (tx, mut rx) = mpsc::channel::<Vec<Cut<T>>>(1);
+        let emitter = async {
+            while let Some(cuts) = rx.recv().await {
+                self.io.emit(cuts, self.across).await?;
+            }
+            Ok(())
+        };
+        tokio::try_join!(self.cut(input, flush, tx), emitter)?;
+        Ok(())
+    }
+
+    /// Hands `cuts` to the emitting loop, waiting while it is busy with the previous ones.
+    async fn pass(
+        &self,
+        tx: &mpsc::Sender<Vec<Cut<T>>>,
+        cuts: Vec<Cut<T>>,
+    ) -> Result<(), PipelineError> {
+        if cuts.is_empty() {
+            return Ok(());
+        }
+        tx.send(cuts)
+            .await
+            .map_err(|_| PipelineError::DownstreamClosed {
+                stage: self.io.stage.clone(),
+            })
+    }
+
+    async fn cut(
+        &self,
         mut input: Input<Sourced<T>>,
         mut flush: watch::Receiver<u64>,
+        tx: mpsc::Sender<Vec<Cut<T>>>,
     ) -> Result<(), PipelineError> {
-        let mut state = State {
-            parts: HashMap::new(),
-            bytes: 0,
-            seq: 0,
-        };
+        let mut state = State::new(self.across);
         let mut flush_open = true;
+        // While a batch is not yet written, a due linger is put off: the rows keep filling the
+        // next batch (up to the limits), so a busy sink gets fewer, larger writes, and an idle
+        // one gets every batch at its linger.
+        let mut busy_until: Option<Instant> = None;
         loop {
             let deadline = state
                 .parts
                 .values()
                 .filter(|p| p.replaying().is_none())
                 .filter_map(|p| p.deadline)
-                .min();
+                .min()
+                .map(|d| busy_until.map_or(d, |b| d.max(b)));
             tokio::select! {
                 biased;
                 changed = flush.changed(), if flush_open => {
                     flush_open = changed.is_ok();
                     state.purge_revoked();
                     let cuts = state.flush(false);
-                    self.io.emit(cuts).await?;
+                    self.pass(&tx, cuts).await?;
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    let now = Instant::now();
+                    if tx.capacity() < tx.max_capacity() || self.io.in_flight.count() > 0 {
+                        busy_until = Some(now + BUSY_RECHECK);
+                        continue;
+                    }
+                    busy_until = None;
                     state.purge_revoked();
-                    let cuts = state.lingered(Instant::now());
-                    self.io.emit(cuts).await?;
+                    let cuts = state.lingered(now);
+                    self.pass(&tx, cuts).await?;
                 }
                 next = input.recv() => match next {
-                    Some(batch) => self.on_input(&mut state, batch).await?,
+                    Some(batch) => self.on_input(&mut state, batch, &tx).await?,
                     None => break,
                 },
             }
         }
         let cuts = state.flush(true);
-        self.io.emit(cuts).await
+        self.pass(&tx, cuts).await
     }
 
     async fn on_input(
         &self,
         state: &mut State<T>,
         batch: Batch<Sourced<T>>,
+        tx: &mpsc::Sender<Vec<Cut<T>>>,
     ) -> Result<(), PipelineError> {
         metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.io.stage.to_string())
             .increment(batch.len() as u64);
@@ -320,7 +439,7 @@ where
         for &(tp, assignment, from) in &seen.new {
             if let Some(old) = state.parts.remove(tp) {
                 let cuts = state.retire(tp, old);
-                self.io.emit(cuts).await?;
+                self.pass(tx, cuts).await?;
             }
             let plans = replay_plan(self.io.load(tp, from).await?);
             if !plans.is_empty() {
@@ -338,36 +457,91 @@ where
         }
         state.after_input(&self.limits, &mut cuts);
         acks.release();
-        self.io.emit(cuts).await
+        self.pass(tx, cuts).await
+    }
+}
+
+/// Rows and bytes held.
+#[derive(Default)]
+struct Held {
+    rows: usize,
+    bytes: usize,
+}
+
+impl Held {
+    fn remove<T>(&mut self, part: &Part<T>) {
+        self.rows -= part.rows.len();
+        self.bytes -= part.bytes;
     }
 }
 
 /// The batcher's buffers, without the I/O (unit-testable).
 struct State<T> {
     parts: HashMap<TopicPartition, Part<T>>,
-    /// Bytes held over all partitions.
-    bytes: usize,
+    /// Held over all partitions.
+    held: Held,
     /// Sequence number of the current input.
     seq: u64,
+    /// Free rows of all partitions are cut together, at limits that apply to their sum.
+    across: bool,
 }
 
 impl<T> State<T> {
+    fn new(across: bool) -> Self {
+        Self {
+            parts: HashMap::new(),
+            held: Held::default(),
+            seq: 0,
+            across,
+        }
+    }
+
     /// Drops what is held of assignments that are over: never written, so never twice.
     fn purge_revoked(&mut self) {
-        let bytes = &mut self.bytes;
+        let held = &mut self.held;
         self.parts.retain(|tp, p| {
             let keep = !p.is_revoked();
             if !keep && !p.rows.is_empty() {
-                *bytes -= p.bytes;
+                held.remove(p);
                 tracing::debug!(partition = %tp, rows = p.rows.len(), "dropped rows of a revoked assignment; the next owner writes them");
             }
             keep
         });
     }
 
+    /// The key of the spans cut fresh.
+    fn fresh_key(&self) -> i64 {
+        if self.across { Span::ACROSS } else { 0 }
+    }
+
     fn take(&mut self, tp: &TopicPartition, replay: Option<Span>) -> Option<Cut<T>> {
+        let key = self.fresh_key();
         let part = self.parts.get_mut(tp)?;
-        take(part, tp, replay, &mut self.bytes)
+        take(part, tp, replay, key, &mut self.held)
+    }
+
+    /// Every partition's free rows (not held for a recorded span).
+    fn take_free(&mut self) -> Vec<Cut<T>> {
+        let key = self.fresh_key();
+        let held = &mut self.held;
+        self.parts
+            .iter_mut()
+            .filter(|(_, p)| p.replaying().is_none())
+            .filter_map(|(tp, p)| take(p, tp, None, key, held))
+            .collect()
+    }
+
+    /// Whether the free rows of all partitions together reach a limit.
+    fn free_full(&self, limits: &BatchLimits) -> bool {
+        if self.held.rows < limits.max_rows && self.held.bytes < limits.max_bytes {
+            return false;
+        }
+        let (rows, bytes) = self
+            .parts
+            .values()
+            .filter(|p| p.replaying().is_none())
+            .fold((0, 0), |(r, b), p| (r + p.rows.len(), b + p.bytes));
+        rows >= limits.max_rows || bytes >= limits.max_bytes
     }
 
     /// Adds one item of the current input.
@@ -386,6 +560,7 @@ impl<T> State<T> {
             // Items that no acknowledgement covers (tests, generated data): nothing to replay.
             self.parts.insert(tp.clone(), Part::new(0, VecDeque::new()));
         }
+        let key = self.fresh_key();
         let part = self.parts.get_mut(tp).expect("inserted above");
         // Recorded spans that end before this record are complete.
         while let Some(plan) = part.plans.front() {
@@ -394,19 +569,26 @@ impl<T> State<T> {
             }
             let plan = part.plans.pop_front().expect("front exists");
             if part.holds(&plan) {
-                cuts.extend(take(part, tp, Some(plan), &mut self.bytes));
+                cuts.extend(take(part, tp, Some(plan), key, &mut self.held));
             }
         }
         let in_plan = part.plans.front().is_some_and(|p| p.first <= offset);
+        // Free rows are cut before a recorded span starts, and at the limits, but never
+        // between two items of one record.
+        let boundary = part.rows.is_empty() || offset > part.last;
         if !part.rows.is_empty() && offset > part.last {
             let before_plan = in_plan && part.replaying().is_none();
-            let full = part.rows.len() >= limits.max_rows || part.bytes >= limits.max_bytes;
-            // Free rows are cut before a recorded span starts, and at the limits, but never
-            // between two items of one record.
+            let full = !self.across
+                && (part.rows.len() >= limits.max_rows || part.bytes >= limits.max_bytes);
             if before_plan || (!in_plan && full) {
-                cuts.extend(take(part, tp, None, &mut self.bytes));
+                cuts.extend(take(part, tp, None, key, &mut self.held));
             }
         }
+        // Other partitions' rows always end at a record: only this one may be inside one.
+        if self.across && (boundary || in_plan) && self.free_full(limits) {
+            cuts.extend(self.take_free());
+        }
+        let part = self.parts.get_mut(tp).expect("inserted above");
         if part.rows.is_empty() {
             part.first = offset;
             part.deadline = Some(Instant::now() + limits.max_linger);
@@ -418,21 +600,30 @@ impl<T> State<T> {
         part.rows.push(item);
         part.last = offset;
         part.bytes += size;
-        self.bytes += size;
+        self.held.rows += 1;
+        self.held.bytes += size;
     }
 
     /// After a whole input: recorded spans whose last record arrived are cut; the largest
-    /// free buffers are cut while the bytes held exceed the limit.
+    /// free buffers (or, across partitions, all of them) are cut while the bytes held exceed
+    /// the limit.
     fn after_input(&mut self, limits: &BatchLimits, cuts: &mut Vec<Cut<T>>) {
+        let key = self.fresh_key();
         for (tp, part) in self.parts.iter_mut() {
             if let Some(plan) = part.replaying()
                 && part.last >= plan.last
             {
                 let plan = part.plans.pop_front().expect("replaying a front plan");
-                cuts.extend(take(part, tp, Some(plan), &mut self.bytes));
+                cuts.extend(take(part, tp, Some(plan), key, &mut self.held));
             }
         }
-        while self.bytes >= limits.max_bytes {
+        if self.across {
+            if self.held.bytes >= limits.max_bytes {
+                cuts.extend(self.take_free());
+            }
+            return;
+        }
+        while self.held.bytes >= limits.max_bytes {
             let Some(tp) = self
                 .parts
                 .iter()
@@ -446,12 +637,19 @@ impl<T> State<T> {
         }
     }
 
-    /// Free buffers whose linger passed.
+    /// Free buffers whose linger passed (across partitions: all of them, once one is due).
     fn lingered(&mut self, now: Instant) -> Vec<Cut<T>> {
+        let due = |p: &Part<T>| p.replaying().is_none() && p.deadline.is_some_and(|d| d <= now);
+        if self.across {
+            if self.parts.values().any(due) {
+                return self.take_free();
+            }
+            return Vec::new();
+        }
         let due: Vec<TopicPartition> = self
             .parts
             .iter()
-            .filter(|(_, p)| p.replaying().is_none() && p.deadline.is_some_and(|d| d <= now))
+            .filter(|(_, p)| due(p))
             .map(|(tp, _)| tp.clone())
             .collect();
         due.iter().filter_map(|tp| self.take(tp, None)).collect()
@@ -469,7 +667,7 @@ impl<T> State<T> {
             if part.replaying().is_some() {
                 if end || part.is_revoked() {
                     let part = self.parts.remove(&tp).expect("key listed");
-                    self.bytes -= part.bytes;
+                    self.held.remove(&part);
                     tracing::warn!(partition = %tp, "a recorded span was not complete when its partition was given up; its records will be redelivered");
                 } else {
                     tracing::warn!(partition = %tp, "flush waits for the rest of a recorded span");
@@ -484,27 +682,31 @@ impl<T> State<T> {
     /// What a partition held under an assignment that has ended.
     fn retire(&mut self, tp: &TopicPartition, mut old: Part<T>) -> Vec<Cut<T>> {
         if old.replaying().is_some() {
-            self.bytes -= old.bytes;
+            self.held.remove(&old);
             return Vec::new();
         }
-        take(&mut old, tp, None, &mut self.bytes)
+        let key = self.fresh_key();
+        take(&mut old, tp, None, key, &mut self.held)
             .into_iter()
             .collect()
     }
 }
 
+/// The rows `part` holds as one cut: along the recorded span `replay`, or as a fresh span
+/// with `key`.
 fn take<T>(
     part: &mut Part<T>,
     tp: &TopicPartition,
     replay: Option<Span>,
-    total_bytes: &mut usize,
+    key: i64,
+    held: &mut Held,
 ) -> Option<Cut<T>> {
     if part.rows.is_empty() {
         return None;
     }
+    held.remove(part);
     let rows = std::mem::take(&mut part.rows);
     let items = rows.len() as u64;
-    *total_bytes -= part.bytes;
     part.bytes = 0;
     part.deadline = None;
     let acks = std::mem::take(&mut part.acks);
@@ -525,7 +727,7 @@ fn take<T>(
                 first: part.first,
                 last: part.last,
                 items,
-                key: 0,
+                key,
             },
             false,
             false,
@@ -653,11 +855,7 @@ mod tests {
             // Run 1: crashes after a random number of micro-batches; each cut is recorded,
             // and written or not (the crash may come between the two).
             let ledger = PartitionLedger::new(tp.clone());
-            let mut state = State {
-                parts: HashMap::new(),
-                bytes: 0,
-                seq: 0,
-            };
+            let mut state = State::new(false);
             let mut plans = Some(VecDeque::new());
             let mut log: Vec<Span> = Vec::new();
             let mut table = BTreeMap::new();
@@ -697,11 +895,7 @@ mod tests {
                 .cloned()
                 .collect();
             let mut plans = Some(replay_plan(recorded));
-            let mut state = State {
-                parts: HashMap::new(),
-                bytes: 0,
-                seq: 0,
-            };
+            let mut state = State::new(false);
             let rest: Vec<(i64, u32)> =
                 items.iter().copied().filter(|i| i.0 >= committed).collect();
             for batch in micro_batches(&rest, &mut rng) {
@@ -731,6 +925,227 @@ mod tests {
         }
     }
 
+    /// A table as ClickHouse keeps one: a batch lands once per token; a recovered batch
+    /// lands as the items it lacks.
+    #[derive(Default)]
+    struct Table {
+        tokens: std::collections::HashSet<Vec<(i32, i64, i64, i64)>>,
+        rows: std::collections::HashSet<u32>,
+        written: Vec<u32>,
+    }
+
+    impl Table {
+        fn write(&mut self, batch: Batch<u32>) {
+            if batch.is_recovered() {
+                for &id in &batch.items {
+                    if self.rows.insert(id) {
+                        self.written.push(id);
+                    }
+                }
+            } else {
+                let mut token: Vec<_> = batch
+                    .spans()
+                    .iter()
+                    .map(|s| (s.tp.partition, s.key, s.first, s.last))
+                    .collect();
+                token.sort_unstable();
+                if self.tokens.insert(token) {
+                    for &id in &batch.items {
+                        self.rows.insert(id);
+                        self.written.push(id);
+                    }
+                }
+            }
+            batch.ack();
+        }
+    }
+
+    /// Several partitions' records, cut (across partitions or not) and logged, written or not
+    /// until a crash; then redelivered from a committed offset per partition and cut in the
+    /// same or the other mode, to the end: every item lands exactly once.
+    #[test]
+    fn redelivered_records_land_once_when_batches_were_cut_across_partitions() {
+        const PARTS: i32 = 3;
+        for (across1, across2) in [(true, true), (true, false), (false, true)] {
+            for seed in 1..200u64 {
+                let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5bd1);
+                let limits = limits(1 + rng.next(15) as usize);
+                let items: Vec<Vec<(i64, u32)>> = (0..PARTS)
+                    .map(|p| {
+                        records(20 + rng.next(50) as usize, &mut rng)
+                            .into_iter()
+                            .map(|(o, id)| (o, p as u32 * 10_000 + id))
+                            .collect()
+                    })
+                    .collect();
+                let mut log: Vec<Span> = Vec::new();
+                let mut table = Table::default();
+                // Emits cuts as the batcher does: fresh spans logged, then each batch written
+                // unless `lose` says the crash came first.
+                let emit = |cuts: Vec<Cut<u32>>,
+                            across: bool,
+                            log: &mut Vec<Span>,
+                            table: &mut Table,
+                            lose: &mut dyn FnMut() -> bool| {
+                    log.extend(cuts.iter().filter(|c| !c.replay).map(|c| c.span.clone()));
+                    for batch in batches(cuts, across) {
+                        if !lose() {
+                            table.write(batch);
+                        }
+                    }
+                };
+                // One run over `input` (partition, micro-batch) with per-partition plans.
+                let run = |across: bool,
+                           input: Vec<(usize, Vec<(i64, u32)>)>,
+                           ledgers: &[Arc<PartitionLedger>],
+                           mut plans: Vec<Option<VecDeque<Span>>>,
+                           crash_after: usize,
+                           rng: &mut Rng,
+                           log: &mut Vec<Span>,
+                           table: &mut Table| {
+                    let mut state = State::new(across);
+                    let mut flip = Rng(rng.next(u64::MAX));
+                    let crashes = crash_after < input.len();
+                    let mut lose = move || crashes && flip.next(2) == 0;
+                    for (p, batch) in input.into_iter().take(crash_after) {
+                        let mut cuts =
+                            feed(&mut state, &ledgers[p], &mut plans[p], &batch, &limits);
+                        match rng.next(4) {
+                            0 => cuts.extend(state.flush(false)),
+                            1 => cuts
+                                .extend(state.lingered(Instant::now() + Duration::from_secs(7200))),
+                            _ => {}
+                        }
+                        emit(cuts, across, log, table, &mut lose);
+                    }
+                    if !crashes {
+                        emit(state.flush(true), across, log, table, &mut lose);
+                    }
+                };
+                let interleave = |parts: Vec<Vec<Vec<(i64, u32)>>>, rng: &mut Rng| {
+                    let mut queues: Vec<VecDeque<Vec<(i64, u32)>>> =
+                        parts.into_iter().map(VecDeque::from).collect();
+                    let mut out = Vec::new();
+                    while queues.iter().any(|q| !q.is_empty()) {
+                        let p = rng.next(queues.len() as u64) as usize;
+                        if let Some(b) = queues[p].pop_front() {
+                            out.push((p, b));
+                        }
+                    }
+                    out
+                };
+
+                // Run 1, until a crash.
+                let tps: Vec<TopicPartition> =
+                    (0..PARTS).map(|p| TopicPartition::new("t", p)).collect();
+                let ledgers: Vec<_> = tps
+                    .iter()
+                    .map(|tp| PartitionLedger::new(tp.clone()))
+                    .collect();
+                let parts = items.iter().map(|i| micro_batches(i, &mut rng)).collect();
+                let input = interleave(parts, &mut rng);
+                let crash_after = rng.next(input.len() as u64) as usize;
+                let plans = (0..PARTS).map(|_| Some(VecDeque::new())).collect();
+                run(
+                    across1,
+                    input,
+                    &ledgers,
+                    plans,
+                    crash_after,
+                    &mut rng,
+                    &mut log,
+                    &mut table,
+                );
+                let committed: Vec<i64> = ledgers
+                    .iter()
+                    .map(|l| rng.next(l.committable().unwrap_or(0) as u64 + 1) as i64)
+                    .collect();
+
+                // Run 2: redelivery from the committed offsets, to the end.
+                let ledgers: Vec<_> = tps
+                    .iter()
+                    .map(|tp| PartitionLedger::new(tp.clone()))
+                    .collect();
+                let plans = tps
+                    .iter()
+                    .zip(&committed)
+                    .map(|(tp, &c)| {
+                        let recorded = log.iter().filter(|s| &s.tp == tp && s.last >= c).cloned();
+                        Some(replay_plan(recorded.collect()))
+                    })
+                    .collect();
+                let parts = items
+                    .iter()
+                    .zip(&committed)
+                    .map(|(i, &c)| {
+                        let rest: Vec<_> = i.iter().copied().filter(|x| x.0 >= c).collect();
+                        micro_batches(&rest, &mut rng)
+                    })
+                    .collect();
+                let input = interleave(parts, &mut rng);
+                let n = input.len();
+                run(
+                    across2, input, &ledgers, plans, n, &mut rng, &mut log, &mut table,
+                );
+
+                let mut written = table.written.clone();
+                written.sort_unstable();
+                let mut expected: Vec<u32> = items.iter().flatten().map(|i| i.1).collect();
+                expected.sort_unstable();
+                assert_eq!(
+                    written, expected,
+                    "{across1}/{across2} seed {seed}: every item exactly once"
+                );
+                for (l, i) in ledgers.iter().zip(&items) {
+                    if i.last()
+                        .is_some_and(|x| x.0 >= committed[l.topic_partition().partition as usize])
+                    {
+                        assert_eq!(
+                            l.committable(),
+                            Some(i.last().unwrap().0 + 1),
+                            "{across1}/{across2} seed {seed}: all acknowledged"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn across_partitions_one_batch_takes_every_partition_at_the_row_limit() {
+        let mut state = State::<u32>::new(true);
+        let mut cuts = Vec::new();
+        let limits = limits(6);
+        let tps: Vec<TopicPartition> = (0..3).map(|p| TopicPartition::new("t", p)).collect();
+        for offset in 0..3 {
+            for tp in &tps {
+                state.push(
+                    tp,
+                    offset,
+                    offset as u32,
+                    1,
+                    &AckSet::new(),
+                    &limits,
+                    &mut cuts,
+                );
+            }
+        }
+        // Six rows held: the seventh, a new record, cuts all three partitions' rows.
+        assert!(cuts.len() == 3, "{}", cuts.len());
+        assert!(
+            cuts.iter()
+                .all(|c| c.rows.len() == 2 && c.span.key == Span::ACROSS)
+        );
+        let out = batches(cuts, true);
+        assert_eq!(out.len(), 1, "one batch");
+        assert_eq!(out[0].len(), 6);
+        assert_eq!(out[0].spans().len(), 3);
+        assert_eq!(state.held.rows, 3);
+        let lingered = state.lingered(Instant::now() + Duration::from_secs(7200));
+        assert_eq!(lingered.len(), 3, "every partition's rows once one is due");
+        assert_eq!(state.held.rows, 0);
+    }
+
     #[test]
     fn an_incomplete_recorded_span_is_dropped_when_revoked_and_never_committed() {
         let tp = TopicPartition::new("t", 0);
@@ -742,11 +1157,7 @@ mod tests {
             items: 10,
             key: 0,
         };
-        let mut state = State {
-            parts: HashMap::new(),
-            bytes: 0,
-            seq: 0,
-        };
+        let mut state = State::new(false);
         let mut plans = Some(VecDeque::from([plan]));
         let items: Vec<(i64, u32)> = (0..5).map(|i| (i, i as u32)).collect();
         let cuts = feed(&mut state, &ledger, &mut plans, &items, &limits(100));
@@ -755,7 +1166,10 @@ mod tests {
         assert_eq!(state.parts[&tp].rows.len(), 5);
         ledger.revoke();
         assert!(state.flush(false).is_empty());
-        assert!(state.parts.is_empty() && state.bytes == 0, "dropped");
+        assert!(
+            state.parts.is_empty() && state.held.bytes == 0 && state.held.rows == 0,
+            "dropped"
+        );
         assert!(ledger.settled());
         assert_eq!(
             ledger.committable(),

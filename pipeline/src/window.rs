@@ -175,12 +175,12 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                     flush_open = changed.is_ok();
                     state.purge_revoked();
                     let cuts = self.flush(&mut state, false);
-                    self.io.emit(cuts).await?;
+                    self.io.emit(cuts, false).await?;
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     state.purge_revoked();
                     let cuts = self.close_idle(&mut state, Instant::now());
-                    self.io.emit(cuts).await?;
+                    self.io.emit(cuts, false).await?;
                 }
                 next = input.recv() => match next {
                     Some(batch) => self.on_input(&mut state, batch).await?,
@@ -189,7 +189,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             }
         }
         let cuts = self.flush(&mut state, true);
-        self.io.emit(cuts).await
+        self.io.emit(cuts, false).await
     }
 
     async fn on_input(
@@ -206,7 +206,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         for &(tp, assignment, from) in &seen.new {
             if let Some(mut old) = state.parts.remove(tp) {
                 let cuts = self.retire(tp, &mut old);
-                self.io.emit(cuts).await?;
+                self.io.emit(cuts, false).await?;
             }
             let recorded = self.io.load(tp, from).await?;
             let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
@@ -238,7 +238,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         }
         self.after_input(state, &mut cuts);
         acks.release();
-        self.io.emit(cuts).await
+        self.io.emit(cuts, false).await
     }
 
     fn push(
@@ -488,6 +488,7 @@ mod tests {
                 log: NoLog,
                 retry: RetryPolicy::default(),
                 health: Health::new(),
+                in_flight: Default::default(),
             },
             spec: WindowSpec {
                 length: Duration::from_secs(60),

@@ -431,7 +431,7 @@ impl Sink for SpanRecorder {
     type Item = u64;
 
     async fn write(&mut self, batch: &Batch<u64>) -> Result<(), SinkError> {
-        let span = batch.span().expect("a span batch");
+        let span = batch.spans().first().expect("a span batch");
         self.0
             .lock()
             .unwrap()

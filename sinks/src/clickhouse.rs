@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clickhouse::{Client, RowOwned, RowWrite};
 use sluice_pipeline::{AckSet, Batch, Sink, SinkError, Span, SpanLog, TopicPartition};
+use tokio::sync::oneshot;
 
 /// ClickHouse error codes a retry may fix: overload, timeouts, network, too many parts,
 /// memory pressure, a replica or keeper being away.
@@ -50,30 +51,43 @@ pub fn classify(err: clickhouse::error::Error) -> SinkError {
     }
 }
 
-/// The deduplication token of a batch for `table`: its source span when a span batcher cut it
-/// (the same in every run, replays after a crash included), else every source range it
-/// derives from (the same for retries within one run).
+/// The deduplication token of a batch for `table`: its source spans when a span batcher cut it
+/// (for a batch of one partition the same in every run, replays after a crash included), else
+/// every source range it derives from (the same for retries within one run).
 pub fn batch_token<T>(table: &str, batch: &Batch<T>) -> String {
-    match batch.span() {
-        Some(s) if s.key != 0 => format!(
-            "{table}|{}:{}:{}:{}-{}",
-            s.tp.topic, s.tp.partition, s.key, s.first, s.last
-        ),
-        Some(s) => format!(
+    match batch.spans() {
+        [] => dedup_token(table, batch.acks()),
+        [s] if s.key == 0 => format!(
             "{table}|{}:{}:{}-{}",
             s.tp.topic, s.tp.partition, s.first, s.last
         ),
-        None => dedup_token(table, batch.acks()),
+        [s] => format!(
+            "{table}|{}:{}:{}:{}-{}",
+            s.tp.topic, s.tp.partition, s.key, s.first, s.last
+        ),
+        spans => token_of(
+            table,
+            spans
+                .iter()
+                .map(|s| format!("{}:{}:{}-{}", s.tp.topic, s.tp.partition, s.first, s.last))
+                .collect(),
+        ),
     }
 }
 
 /// The deduplication token of a batch for `table` from its source ranges: the table and every
 /// range, sorted, so the same records in the same batch boundaries give the same token.
 pub fn dedup_token(table: &str, acks: &AckSet) -> String {
-    let mut ranges: Vec<String> = acks
-        .ranges()
-        .map(|(tp, a, b)| format!("{}:{}:{a}-{b}", tp.topic, tp.partition))
-        .collect();
+    token_of(
+        table,
+        acks.ranges()
+            .map(|(tp, a, b)| format!("{}:{}:{a}-{b}", tp.topic, tp.partition))
+            .collect(),
+    )
+}
+
+/// `table` and the sorted `ranges`, hashed when long.
+fn token_of(table: &str, mut ranges: Vec<String>) -> String {
     ranges.sort_unstable();
     let token = format!("{table}|{}", ranges.join(","));
     if token.len() <= 256 {
@@ -85,6 +99,9 @@ pub fn dedup_token(table: &str, acks: &AckSet) -> String {
 }
 
 /// Writes batches of `T` into one table.
+///
+/// A [`Batch::recovered`] batch (redelivered records whose earlier batch also held other
+/// partitions' records) is written as the rows the table lacks, by the same check.
 ///
 /// An insert that ends without an answer (the connection dropped: ClickHouse crashed or the
 /// network failed mid-request) is retried with the same token and then checked row by row
@@ -187,6 +204,12 @@ where
     type Item = T;
 
     async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
+        if batch.is_recovered() {
+            // Its rows may be in the table under another batch's token: write the missing ones.
+            let restored = self.restore_missing(batch).await?;
+            tracing::info!(table = %self.table, rows = batch.len(), restored, "redelivered records of batches cut across partitions: wrote the rows the table lacked");
+            return Ok(());
+        }
         let token = batch_token(&self.table, batch);
         if let Err(e) = self.insert(batch, &token).await {
             if unanswered(&e) {
@@ -294,6 +317,11 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
     }
 }
 
+/// The guarded value, also after a panic elsewhere (the queue stays consistent: pushes and takes).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Writes every row of `batch` into `insert` and ends it.
 async fn write_rows<T: RowOwned + RowWrite>(
     mut insert: clickhouse::insert::Insert<T>,
@@ -322,11 +350,27 @@ struct SpanRecord {
 
 /// A [`SpanLog`] in the ClickHouse table `sluice_batch_spans`, for one consumer group and one
 /// target table: the spans live next to the rows they describe.
+///
+/// The logs made from one [`ClickHouseSpanLog::new`] by [`ClickHouseSpanLog::for_table`] share
+/// their inserts: while one is in flight the others' records queue, and the next insert takes
+/// them all (one insert per round trip instead of one per table and cut).
 #[derive(Clone)]
 pub struct ClickHouseSpanLog {
     client: Client,
     group: Arc<str>,
     table: Arc<str>,
+    writer: Arc<SpanWriter>,
+}
+
+/// The records waiting for an insert, each with whom to tell how it went.
+type Queued = Vec<(Vec<SpanRecord>, oneshot::Sender<Result<(), (bool, String)>>)>;
+
+/// What the logs of one [`ClickHouseSpanLog::new`] share.
+#[derive(Default)]
+struct SpanWriter {
+    queue: std::sync::Mutex<Queued>,
+    /// Held by the one recorder whose insert is in flight.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl ClickHouseSpanLog {
@@ -336,19 +380,36 @@ impl ClickHouseSpanLog {
             client: client.with_setting("async_insert", "0"),
             group: group.into(),
             table: table.into(),
+            writer: Arc::default(),
         }
     }
-}
 
-impl SpanLog for ClickHouseSpanLog {
-    async fn record(&self, spans: &[Span]) -> Result<(), SinkError> {
+    /// The log of the same group's batches into `table`, sharing this log's inserts.
+    pub fn for_table(&self, table: impl Into<Arc<str>>) -> Self {
+        Self {
+            table: table.into(),
+            ..self.clone()
+        }
+    }
+
+    async fn insert(&self, queued: &Queued) -> Result<(), SinkError> {
         let mut insert = self
             .client
             .insert::<SpanRecord>(SPAN_LOG_TABLE)
             .await
             .map_err(classify)?;
-        for s in spans {
-            let row = SpanRecord {
+        for row in queued.iter().flat_map(|(rows, _)| rows) {
+            insert.write(row).await.map_err(classify)?;
+        }
+        insert.end().await.map_err(classify)
+    }
+}
+
+impl SpanLog for ClickHouseSpanLog {
+    async fn record(&self, spans: &[Span]) -> Result<(), SinkError> {
+        let rows = spans
+            .iter()
+            .map(|s| SpanRecord {
                 consumer_group: self.group.to_string(),
                 target_table: self.table.to_string(),
                 topic: s.tp.topic.to_string(),
@@ -357,10 +418,37 @@ impl SpanLog for ClickHouseSpanLog {
                 last_offset: s.last,
                 items: s.items,
                 span_key: s.key,
-            };
-            insert.write(&row).await.map_err(classify)?;
+            })
+            .collect();
+        let (tx, mut done) = oneshot::channel();
+        lock(&self.writer.queue).push((rows, tx));
+        loop {
+            tokio::select! {
+                biased;
+                outcome = &mut done => {
+                    return match outcome {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err((true, e))) => Err(SinkError::transient(e)),
+                        Ok(Err((false, e))) => Err(SinkError::permanent(e)),
+                        // The recorder that took them was cancelled mid-insert.
+                        Err(_) => Err(SinkError::transient("the span log insert was abandoned")),
+                    };
+                }
+                _writing = self.writer.writing.lock() => {
+                    let queued = std::mem::take(&mut *lock(&self.writer.queue));
+                    if queued.is_empty() {
+                        continue;
+                    }
+                    let outcome = self
+                        .insert(&queued)
+                        .await
+                        .map_err(|e| (e.is_transient(), e.to_string()));
+                    for (_, tx) in queued {
+                        let _ = tx.send(outcome.clone());
+                    }
+                }
+            }
         }
-        insert.end().await.map_err(classify)
     }
 
     async fn load(&self, tp: &TopicPartition, from: i64) -> Result<Vec<Span>, SinkError> {
