@@ -345,6 +345,17 @@ async fn migrate_creates_the_postgres_tables_once() {
 
 #[tokio::test]
 async fn sigkill_between_insert_and_commit_then_restart_lands_each_event_once() {
+    crash_and_restart(true).await;
+}
+
+#[tokio::test]
+async fn sigkill_then_restart_lands_each_event_once_with_one_batch_per_partition() {
+    crash_and_restart(false).await;
+}
+
+/// Drains a reference; then a worker (batches across partitions or not) inserts everything,
+/// commits nothing and is killed; its restart must end with the reference's rows exactly.
+async fn crash_and_restart(across: bool) {
     let topic = unique("fw_crash");
     let (db_ref, db) = (unique("fw_crash_ref"), unique("fw_crash_db"));
     let (group_ref, group) = (unique("fw_crash_ref"), unique("fw_crash_group"));
@@ -357,7 +368,7 @@ async fn sigkill_between_insert_and_commit_then_restart_lands_each_event_once() 
         std::fs::write(
             &config,
             format!(
-                "[kafka]\nbrokers = \"{}\"\ncommit_interval_ms = {commit_ms}\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000\n[pipeline]\nbatch_max_rows = {max_rows}\nbatch_linger_ms = 50\n",
+                "[kafka]\nbrokers = \"{}\"\ncommit_interval_ms = {commit_ms}\n\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000\n[pipeline]\nbatch_max_rows = {max_rows}\nbatch_linger_ms = 50\nbatch_across_partitions = {across}\n",
                 brokers()
             ),
         )
@@ -475,6 +486,13 @@ async fn sigkill_between_insert_and_commit_then_restart_lands_each_event_once() 
     assert!(
         log.contains("cutting redelivered records along recorded spans"),
         "the restart replayed recorded spans: {log}"
+    );
+    // Batches across partitions cannot be cut again: their spans are checked against the
+    // tables instead of being inserted with a token.
+    assert_eq!(
+        log.contains("wrote the rows the table lacked"),
+        across,
+        "recovered batches only when batches were cut across partitions: {log}"
     );
     let committed: i64 = committed_offsets(&group, &topic, partitions).values().sum();
     assert_eq!(committed, events as i64, "committed to the end");
