@@ -347,22 +347,21 @@ pub fn build(
     };
     let usage_log = t.spans.for_table("usage_records");
     let usage_client = t.client.clone();
-    f_usage
-        .window(
-            Stage::new("usage_records.window").retry(retry.clone()),
-            spec,
-            usage,
-            usage_log,
-        )
-        .sink(
-            Stage::new("usage_records")
-                .workers(p.insert_concurrency)
-                .retry(retry.clone()),
-            move || {
-                ClickHouseSink::<UsageRow>::new(usage_client.clone(), "usage_records")
-                    .check_range("timestamp")
-            },
-        );
+    let window_stage = Stage::new("usage_records.window").retry(retry.clone());
+    let usage_rows = if p.batch_across_partitions {
+        f_usage.window_across(window_stage, spec, usage, usage_log, t.limits.clone())
+    } else {
+        f_usage.window(window_stage, spec, usage, usage_log)
+    };
+    usage_rows.sink(
+        Stage::new("usage_records")
+            .workers(p.insert_concurrency)
+            .retry(retry.clone()),
+        move || {
+            ClickHouseSink::<UsageRow>::new(usage_client.clone(), "usage_records")
+                .check_range("timestamp")
+        },
+    );
     let reducer_limits = BatchLimits {
         max_bytes: p.batch_max_bytes,
         ..t.limits.clone()

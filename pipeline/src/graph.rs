@@ -753,13 +753,49 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
         A: crate::window::WindowAggregate<In = T>,
         L: crate::span::SpanLog,
     {
-        let stage = stage.into();
+        self.windows(stage.into(), spec, agg, log, None)
+    }
+
+    /// As [`Flow::window`], but closed windows of every partition wait up to
+    /// `limits.max_linger` (or until they hold `limits.max_rows` rows) and leave as one batch
+    /// naming all their spans (each marked [`Span::across`](crate::Span::across)): one write per
+    /// linger when many windows close at once (a backlog), instead of one per window and
+    /// partition. Replays of such spans leave as [`Batch::recovered`] batches (see
+    /// [`Flow::batch_spans_across`]).
+    pub fn window_across<A, L>(
+        self,
+        stage: impl Into<Stage>,
+        spec: crate::window::WindowSpec,
+        agg: A,
+        log: L,
+        limits: BatchLimits,
+    ) -> Flow<A::Out>
+    where
+        A: crate::window::WindowAggregate<In = T>,
+        L: crate::span::SpanLog,
+    {
+        self.windows(stage.into(), spec, agg, log, Some(limits))
+    }
+
+    fn windows<A, L>(
+        self,
+        stage: Stage,
+        spec: crate::window::WindowSpec,
+        agg: A,
+        log: L,
+        gather: Option<BatchLimits>,
+    ) -> Flow<A::Out>
+    where
+        A: crate::window::WindowAggregate<In = T>,
+        L: crate::span::SpanLog,
+    {
         let graph = self.graph;
         let (tx, rx) = graph.queue(&stage);
         let windower = crate::window::Windower {
             io: span_io(&graph, &stage, tx, log),
             spec,
             agg,
+            gather,
         };
         let flush = graph.flush_signal();
         graph.add_task(
@@ -794,7 +830,7 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     /// As [`Flow::batch_spans`], but every cut takes the rows of all partitions together
     /// (`limits` apply to their sum), so a sink gets one batch per linger or per `max_rows`
     /// whatever the number of partitions. Each batch names one span per partition
-    /// ([`Batch::spans`]), keyed [`Span::ACROSS`](crate::Span::ACROSS).
+    /// ([`Batch::spans`]), each marked [`Span::across`](crate::Span::across).
     ///
     /// Such a batch cannot be cut again after a crash, because its other partitions may go to
     /// other workers: redelivered records whose span was recorded go out as

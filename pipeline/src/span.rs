@@ -53,14 +53,11 @@ pub struct Span {
     /// Items in the batch.
     pub items: u64,
     /// Which sub-stream of the partition the span cuts (the window start for window spans);
-    /// 0 for plain span batches, [`Span::ACROSS`] for spans cut into a batch across partitions.
+    /// 0 for plain span batches.
     pub key: i64,
-}
-
-impl Span {
-    /// The key of a span whose batch held other partitions' spans too: a replay cannot cut
-    /// that batch again, so its records are written as the rows a sink lacks.
-    pub const ACROSS: i64 = i64::MIN;
+    /// The span's batch held other spans too (other partitions', other windows'): a replay
+    /// cannot cut that batch again, so its records are written as the rows a sink lacks.
+    pub across: bool,
 }
 
 /// Where a span batcher records its cuts (before the batches are written) and finds them
@@ -221,7 +218,7 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
     /// Records the new spans, then sends the cuts downstream: each alone, or, with `across`,
     /// the fresh ones together as one batch.
     ///
-    /// A replayed span whose batch held other partitions' spans ([`Span::ACROSS`]) cannot be
+    /// A replayed span whose batch held other spans ([`Span::across`]) cannot be
     /// written under that batch's identity again: cut again whole, it goes out (with the
     /// other such spans) as a [`Batch::recovered`] batch, written as the rows the sink lacks;
     /// a tail is dropped, because redelivery that starts inside a span means its batch was
@@ -263,12 +260,12 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
 }
 
 /// The batches that carry `cuts` (see [`SpanIo::emit`]).
-fn batches<T>(cuts: Vec<Cut<T>>, across: bool) -> Vec<Batch<T>> {
+pub(crate) fn batches<T>(cuts: Vec<Cut<T>>, across: bool) -> Vec<Batch<T>> {
     let mut out = Vec::new();
     let mut together = Merged::default();
     let mut recovered = Merged::default();
     for cut in cuts {
-        if cut.replay && cut.span.key == Span::ACROSS {
+        if cut.replay && cut.span.across {
             if cut.whole_replay {
                 recovered.add(cut);
             } else {
@@ -509,25 +506,20 @@ impl<T> State<T> {
         });
     }
 
-    /// The key of the spans cut fresh.
-    fn fresh_key(&self) -> i64 {
-        if self.across { Span::ACROSS } else { 0 }
-    }
-
     fn take(&mut self, tp: &TopicPartition, replay: Option<Span>) -> Option<Cut<T>> {
-        let key = self.fresh_key();
+        let across = self.across;
         let part = self.parts.get_mut(tp)?;
-        take(part, tp, replay, key, &mut self.held)
+        take(part, tp, replay, across, &mut self.held)
     }
 
     /// Every partition's free rows (not held for a recorded span).
     fn take_free(&mut self) -> Vec<Cut<T>> {
-        let key = self.fresh_key();
+        let across = self.across;
         let held = &mut self.held;
         self.parts
             .iter_mut()
             .filter(|(_, p)| p.replaying().is_none())
-            .filter_map(|(tp, p)| take(p, tp, None, key, held))
+            .filter_map(|(tp, p)| take(p, tp, None, across, held))
             .collect()
     }
 
@@ -560,7 +552,7 @@ impl<T> State<T> {
             // Items that no acknowledgement covers (tests, generated data): nothing to replay.
             self.parts.insert(tp.clone(), Part::new(0, VecDeque::new()));
         }
-        let key = self.fresh_key();
+        let across = self.across;
         let part = self.parts.get_mut(tp).expect("inserted above");
         // Recorded spans that end before this record are complete.
         while let Some(plan) = part.plans.front() {
@@ -569,7 +561,7 @@ impl<T> State<T> {
             }
             let plan = part.plans.pop_front().expect("front exists");
             if part.holds(&plan) {
-                cuts.extend(take(part, tp, Some(plan), key, &mut self.held));
+                cuts.extend(take(part, tp, Some(plan), across, &mut self.held));
             }
         }
         let in_plan = part.plans.front().is_some_and(|p| p.first <= offset);
@@ -581,7 +573,7 @@ impl<T> State<T> {
             let full = !self.across
                 && (part.rows.len() >= limits.max_rows || part.bytes >= limits.max_bytes);
             if before_plan || (!in_plan && full) {
-                cuts.extend(take(part, tp, None, key, &mut self.held));
+                cuts.extend(take(part, tp, None, across, &mut self.held));
             }
         }
         // Other partitions' rows always end at a record: only this one may be inside one.
@@ -608,13 +600,13 @@ impl<T> State<T> {
     /// free buffers (or, across partitions, all of them) are cut while the bytes held exceed
     /// the limit.
     fn after_input(&mut self, limits: &BatchLimits, cuts: &mut Vec<Cut<T>>) {
-        let key = self.fresh_key();
+        let across = self.across;
         for (tp, part) in self.parts.iter_mut() {
             if let Some(plan) = part.replaying()
                 && part.last >= plan.last
             {
                 let plan = part.plans.pop_front().expect("replaying a front plan");
-                cuts.extend(take(part, tp, Some(plan), key, &mut self.held));
+                cuts.extend(take(part, tp, Some(plan), across, &mut self.held));
             }
         }
         if self.across {
@@ -685,20 +677,20 @@ impl<T> State<T> {
             self.held.remove(&old);
             return Vec::new();
         }
-        let key = self.fresh_key();
-        take(&mut old, tp, None, key, &mut self.held)
+        let across = self.across;
+        take(&mut old, tp, None, across, &mut self.held)
             .into_iter()
             .collect()
     }
 }
 
 /// The rows `part` holds as one cut: along the recorded span `replay`, or as a fresh span
-/// with `key`.
+/// (`across`: to be written with other partitions' spans).
 fn take<T>(
     part: &mut Part<T>,
     tp: &TopicPartition,
     replay: Option<Span>,
-    key: i64,
+    across: bool,
     held: &mut Held,
 ) -> Option<Cut<T>> {
     if part.rows.is_empty() {
@@ -727,7 +719,8 @@ fn take<T>(
                 first: part.first,
                 last: part.last,
                 items,
-                key,
+                key: 0,
+                across,
             },
             false,
             false,
@@ -1132,10 +1125,7 @@ mod tests {
         }
         // Six rows held: the seventh, a new record, cuts all three partitions' rows.
         assert!(cuts.len() == 3, "{}", cuts.len());
-        assert!(
-            cuts.iter()
-                .all(|c| c.rows.len() == 2 && c.span.key == Span::ACROSS)
-        );
+        assert!(cuts.iter().all(|c| c.rows.len() == 2 && c.span.across));
         let out = batches(cuts, true);
         assert_eq!(out.len(), 1, "one batch");
         assert_eq!(out[0].len(), 6);
@@ -1156,6 +1146,7 @@ mod tests {
             last: 9,
             items: 10,
             key: 0,
+            across: false,
         };
         let mut state = State::new(false);
         let mut plans = Some(VecDeque::from([plan]));
@@ -1187,6 +1178,7 @@ mod tests {
             last,
             items: 1,
             key: 0,
+            across: false,
         };
         let plan = replay_plan(vec![s(10, 19), s(0, 9), s(5, 14), s(10, 19), s(20, 20)]);
         let got: Vec<(i64, i64)> = plan.iter().map(|p| (p.first, p.last)).collect();

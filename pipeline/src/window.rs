@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::ack::{AckSet, TopicPartition};
@@ -18,7 +18,7 @@ use crate::batch::Batch;
 use crate::error::PipelineError;
 use crate::metrics as m;
 use crate::span::{Assignments, Cut, Sourced, Span, SpanIo, SpanLog, replay_plan, shares_of};
-use crate::stages::{Input, sleep_until_opt};
+use crate::stages::{BatchLimits, Input, sleep_until_opt};
 
 /// How items aggregate into window rows.
 pub trait WindowAggregate: Send + Sync + 'static {
@@ -123,6 +123,19 @@ pub(crate) struct Windower<A: WindowAggregate, L> {
     pub(crate) io: SpanIo<A::Out, L>,
     pub(crate) spec: WindowSpec,
     pub(crate) agg: A,
+    /// Closed windows of every partition wait up to `max_linger` (or until they hold
+    /// `max_rows` rows) to leave as one batch; `None`: each leaves at once, alone.
+    pub(crate) gather: Option<BatchLimits>,
+}
+
+/// Where a window stage hands its cuts (and whether they leave as one batch) to its emitter.
+type Emits<T> = mpsc::Sender<(Vec<Cut<T>>, bool)>;
+
+/// Closed windows waiting to leave together.
+struct Ready<T> {
+    cuts: Vec<Cut<T>>,
+    rows: usize,
+    since: Option<Instant>,
 }
 
 struct State<K, A> {
@@ -148,8 +161,27 @@ impl<K, A> State<K, A> {
 impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
     pub(crate) async fn run(
         self,
+        input: Input<Sourced<A::In>>,
+        flush: watch::Receiver<u64>,
+    ) -> Result<(), PipelineError> {
+        // Cuts are recorded and sent by a second loop, so windows keep taking input while the
+        // span log is written.
+        let (tx, mut rx) = mpsc::channel::<(Vec<Cut<A::Out>>, bool)>(1);
+        let emitter = async {
+            while let Some((cuts, across)) = rx.recv().await {
+                self.io.emit(cuts, across).await?;
+            }
+            Ok(())
+        };
+        tokio::try_join!(self.cut(input, flush, tx), emitter)?;
+        Ok(())
+    }
+
+    async fn cut(
+        &self,
         mut input: Input<Sourced<A::In>>,
         mut flush: watch::Receiver<u64>,
+        tx: Emits<A::Out>,
     ) -> Result<(), PipelineError> {
         let mut state: State<A::Key, A::Acc> = State {
             parts: HashMap::new(),
@@ -158,7 +190,16 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             lateness: self.spec.allowed_lateness.as_secs() as i64,
         };
         let mut flush_open = true;
+        let mut ready = Ready {
+            cuts: Vec::new(),
+            rows: 0,
+            since: None,
+        };
         loop {
+            let gathered = self
+                .gather
+                .as_ref()
+                .and_then(|g| ready.since.map(|s| s + g.max_linger));
             let deadline = state
                 .parts
                 .values()
@@ -168,6 +209,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                         .filter(|(w, _)| part.replaying(**w).is_none())
                         .map(|(_, p)| p.opened + self.spec.max_open)
                 })
+                .chain(gathered)
                 .min();
             tokio::select! {
                 biased;
@@ -175,27 +217,66 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                     flush_open = changed.is_ok();
                     state.purge_revoked();
                     let cuts = self.flush(&mut state, false);
-                    self.io.emit(cuts, false).await?;
+                    self.pass(&tx, &mut ready, cuts, true).await?;
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    let now = Instant::now();
                     state.purge_revoked();
-                    let cuts = self.close_idle(&mut state, Instant::now());
-                    self.io.emit(cuts, false).await?;
+                    let cuts = self.close_idle(&mut state, now);
+                    let due = gathered.is_some_and(|g| g <= now);
+                    self.pass(&tx, &mut ready, cuts, due).await?;
                 }
                 next = input.recv() => match next {
-                    Some(batch) => self.on_input(&mut state, batch).await?,
+                    Some(batch) => self.on_input(&mut state, batch, &tx, &mut ready).await?,
                     None => break,
                 },
             }
         }
         let cuts = self.flush(&mut state, true);
-        self.io.emit(cuts, false).await
+        self.pass(&tx, &mut ready, cuts, true).await
+    }
+
+    /// Sends `cuts` on, at once or (gathering) with the others once the gathered ones are
+    /// due (`now`) or hold `max_rows` rows.
+    async fn pass(
+        &self,
+        tx: &Emits<A::Out>,
+        ready: &mut Ready<A::Out>,
+        cuts: Vec<Cut<A::Out>>,
+        now: bool,
+    ) -> Result<(), PipelineError> {
+        let send = |cuts: Vec<Cut<A::Out>>, across: bool| async move {
+            if cuts.is_empty() {
+                return Ok(());
+            }
+            tx.send((cuts, across))
+                .await
+                .map_err(|_| PipelineError::DownstreamClosed {
+                    stage: self.io.stage.clone(),
+                })
+        };
+        let Some(limits) = &self.gather else {
+            return send(cuts, false).await;
+        };
+        if !cuts.is_empty() {
+            ready.since.get_or_insert_with(Instant::now);
+            ready.rows += cuts.iter().map(|c| c.rows.len()).sum::<usize>();
+            ready.cuts.extend(cuts);
+        }
+        if now || ready.rows >= limits.max_rows {
+            ready.rows = 0;
+            ready.since = None;
+            return send(std::mem::take(&mut ready.cuts), true).await;
+        }
+        Ok(())
     }
 
     async fn on_input(
         &self,
         state: &mut State<A::Key, A::Acc>,
         batch: Batch<Sourced<A::In>>,
+        tx: &Emits<A::Out>,
+        ready: &mut Ready<A::Out>,
     ) -> Result<(), PipelineError> {
         metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.io.stage.to_string())
             .increment(batch.len() as u64);
@@ -206,7 +287,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         for &(tp, assignment, from) in &seen.new {
             if let Some(mut old) = state.parts.remove(tp) {
                 let cuts = self.retire(tp, &mut old);
-                self.io.emit(cuts, false).await?;
+                self.pass(tx, ready, cuts, false).await?;
             }
             let recorded = self.io.load(tp, from).await?;
             let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
@@ -238,7 +319,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         }
         self.after_input(state, &mut cuts);
         acks.release();
-        self.io.emit(cuts, false).await
+        self.pass(tx, ready, cuts, false).await
     }
 
     fn push(
@@ -408,6 +489,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                     last: pane.last,
                     items: pane.items,
                     key: window,
+                    across: self.gather.is_some(),
                 },
                 false,
                 false,
@@ -461,7 +543,7 @@ mod tests {
 
     impl SpanLog for NoLog {
         async fn record(&self, _: &[Span]) -> Result<(), SinkError> {
-            unreachable!()
+            Ok(())
         }
         async fn load(&self, _: &TopicPartition, _: i64) -> Result<Vec<Span>, SinkError> {
             unreachable!()
@@ -479,6 +561,56 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn gathered_windows_leave_together_at_the_row_limit_or_when_due() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut w = windower();
+        w.gather = Some(BatchLimits {
+            max_rows: 3,
+            max_bytes: usize::MAX,
+            max_linger: Duration::from_secs(3600),
+        });
+        let tp = TopicPartition::new("t", 0);
+        let cut = |first: i64, rows: usize| Cut {
+            rows: vec![(60i64, 0u8, 1u64); rows],
+            acks: AckSet::new(),
+            span: Span {
+                tp: tp.clone(),
+                first,
+                last: first,
+                items: rows as u64,
+                key: 60,
+                across: true,
+            },
+            replay: false,
+            whole_replay: false,
+        };
+        let mut ready = Ready {
+            cuts: Vec::new(),
+            rows: 0,
+            since: None,
+        };
+        w.pass(&tx, &mut ready, vec![cut(0, 2)], false)
+            .await
+            .unwrap();
+        assert!(rx.try_recv().is_err(), "two rows wait for more");
+        assert!(ready.since.is_some(), "and have a deadline");
+        w.pass(&tx, &mut ready, vec![cut(1, 2)], false)
+            .await
+            .unwrap();
+        let (cuts, across) = rx.try_recv().expect("leave at the row limit");
+        let out = crate::span::batches(cuts, across);
+        assert_eq!(out.len(), 1, "as one batch");
+        assert_eq!((out[0].len(), out[0].spans().len()), (4, 2));
+        w.pass(&tx, &mut ready, vec![cut(2, 1)], false)
+            .await
+            .unwrap();
+        assert!(rx.try_recv().is_err());
+        w.pass(&tx, &mut ready, Vec::new(), true).await.unwrap();
+        assert_eq!(rx.try_recv().expect("due").0.len(), 1);
+        assert!(ready.cuts.is_empty() && ready.since.is_none());
+    }
+
     fn windower() -> Windower<Sum, NoLog> {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
         Windower {
@@ -490,6 +622,7 @@ mod tests {
                 health: Health::new(),
                 in_flight: Default::default(),
             },
+            gather: None,
             spec: WindowSpec {
                 length: Duration::from_secs(60),
                 allowed_lateness: Duration::from_secs(20),

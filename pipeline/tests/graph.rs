@@ -451,6 +451,7 @@ async fn cut_after_earlier_run(start: i64) -> Vec<(i64, i64, bool)> {
         last: 9,
         items: 10,
         key: 0,
+        across: false,
     });
     let ledger = ledger();
     let mut batches = Vec::new();

@@ -25,6 +25,11 @@ pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[
         "span_keys",
         include_str!("../sql/clickhouse/0003_span_keys.sql"),
     ),
+    (
+        4,
+        "span_across",
+        include_str!("../sql/clickhouse/0004_span_across.sql"),
+    ),
 ];
 
 /// PostgreSQL migrations for sqlx's migrator, in order: (version, name, SQL).

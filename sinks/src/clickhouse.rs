@@ -346,6 +346,7 @@ struct SpanRecord {
     last_offset: i64,
     items: u64,
     span_key: i64,
+    across: bool,
 }
 
 /// A [`SpanLog`] in the ClickHouse table `sluice_batch_spans`, for one consumer group and one
@@ -418,6 +419,7 @@ impl SpanLog for ClickHouseSpanLog {
                 last_offset: s.last,
                 items: s.items,
                 span_key: s.key,
+                across: s.across,
             })
             .collect();
         let (tx, mut done) = oneshot::channel();
@@ -452,10 +454,10 @@ impl SpanLog for ClickHouseSpanLog {
     }
 
     async fn load(&self, tp: &TopicPartition, from: i64) -> Result<Vec<Span>, SinkError> {
-        let rows: Vec<(i64, i64, u64, i64)> = self
+        let rows: Vec<(i64, i64, u64, i64, bool)> = self
             .client
             .query(
-                "SELECT first_offset, last_offset, items, span_key FROM ? \
+                "SELECT first_offset, last_offset, items, span_key, across FROM ? \
                  WHERE consumer_group = ? AND target_table = ? AND topic = ? AND partition = ? \
                  AND last_offset >= ? ORDER BY recorded_at, first_offset",
             )
@@ -470,12 +472,13 @@ impl SpanLog for ClickHouseSpanLog {
             .map_err(classify)?;
         Ok(rows
             .into_iter()
-            .map(|(first, last, items, key)| Span {
+            .map(|(first, last, items, key, across)| Span {
                 tp: tp.clone(),
                 first,
                 last,
                 items,
                 key,
+                across,
             })
             .collect())
     }
