@@ -2,6 +2,10 @@
 //! recorded in a [`SpanLog`] before the batch moves on, so that records redelivered after a
 //! crash are cut again at exactly the same places. A sink that deduplicates by batch identity
 //! (ClickHouse's `insert_deduplication_token`) then sees the same batches and writes them once.
+//!
+//! Cut across partitions instead ([`Flow::batch_spans_across`](crate::Flow::batch_spans_across)),
+//! a batch holds one span per partition; a replay cannot rebuild it, so redelivered spans of it
+//! are written as the items the sink lacks ([`Batch::recovered`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
