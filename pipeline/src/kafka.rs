@@ -493,12 +493,22 @@ impl Worker {
                 });
             }
             self.push_stash(&tx);
-            let backlogged = !lock(&self.shared.stash).is_empty();
-            // Resume only once the queue is at least half empty, so that a steadily slow sink
-            // does not make the consumer pause and resume (and refetch) for every batch.
-            if backlogged {
+            let (backlogged, stashed) = {
+                let stash = lock(&self.shared.stash);
+                let bytes = stash
+                    .iter()
+                    .flat_map(|b| &b.items)
+                    .map(KafkaRecord::byte_size);
+                (!stash.is_empty(), bytes.sum::<usize>())
+            };
+            // Pausing drops what librdkafka has pre-fetched (it is fetched again on resume), so
+            // a queue that is full for a moment only stashes up to `max_batch_bytes`; fetching
+            // pauses once more waits. Resume only once the queue is at least half empty, so
+            // that a steadily slow sink does not make the consumer pause and resume for every
+            // batch.
+            if stashed >= self.config.max_batch_bytes {
                 self.set_paused(true);
-            } else if self.paused && tx.capacity() * 2 >= tx.max_capacity() {
+            } else if !backlogged && self.paused && tx.capacity() * 2 >= tx.max_capacity() {
                 self.set_paused(false);
             }
             if backlogged {
