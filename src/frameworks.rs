@@ -319,8 +319,10 @@ pub fn build(
         }
     });
 
-    // The tables' logs share their inserts (see `ClickHouseSpanLog::for_table`).
-    let spans = ClickHouseSpanLog::new(client.clone(), config.kafka.group_id.as_str(), "");
+    // Every table's span log is made from this one, so they share their inserts (see
+    // `ClickHouseSpanLog::for_table`).
+    let group = config.kafka.group_id.as_str();
+    let spans = ClickHouseSpanLog::new(client.clone(), group, "stream_events");
     let t = Tables {
         spans,
         client,

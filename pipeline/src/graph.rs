@@ -789,19 +789,41 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
         A: crate::window::WindowAggregate<In = T>,
         L: crate::span::SpanLog,
     {
+        self.span_stage(stage, log, |io, input, flush| {
+            let windower = crate::window::Windower {
+                io,
+                spec,
+                agg,
+                gather,
+            };
+            windower.run(input, flush)
+        })
+    }
+
+    /// A span-cutting stage: its queue, span I/O and task, run by `run` on this flow's input
+    /// and the graph's flush signal.
+    fn span_stage<U, L, Fut>(
+        self,
+        stage: Stage,
+        log: L,
+        run: impl FnOnce(
+            crate::span::SpanIo<U, L>,
+            Input<crate::span::Sourced<T>>,
+            watch::Receiver<u64>,
+        ) -> Fut,
+    ) -> Flow<U>
+    where
+        U: Send + 'static,
+        Fut: Future<Output = Result<(), PipelineError>> + Send + 'static,
+    {
         let graph = self.graph;
         let (tx, rx) = graph.queue(&stage);
-        let windower = crate::window::Windower {
-            io: span_io(&graph, &stage, tx, log),
-            spec,
-            agg,
-            gather,
-        };
+        let io = span_io(&graph, &stage, tx, log);
         let flush = graph.flush_signal();
         graph.add_task(
             stage.name.clone(),
             false,
-            windower.run(Input::One(self.rx), flush),
+            run(io, Input::One(self.rx), flush),
         );
         Flow { rx, graph }
     }
@@ -862,21 +884,15 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
         F: Fn(&T) -> usize + Send + Sync + 'static,
         L: crate::span::SpanLog,
     {
-        let graph = self.graph;
-        let (tx, rx) = graph.queue(&stage);
-        let batcher = crate::span::SpanBatcher {
-            io: span_io(&graph, &stage, tx, log),
-            limits,
-            size_of,
-            across,
-        };
-        let flush = graph.flush_signal();
-        graph.add_task(
-            stage.name.clone(),
-            false,
-            batcher.run(Input::One(self.rx), flush),
-        );
-        Flow { rx, graph }
+        self.span_stage(stage, log, |io, input, flush| {
+            let batcher = crate::span::SpanBatcher {
+                io,
+                limits,
+                size_of,
+                across,
+            };
+            batcher.run(input, flush)
+        })
     }
 }
 

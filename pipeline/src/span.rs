@@ -219,6 +219,28 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
         }
     }
 
+    /// Runs `cut`, which hands its cuts to the [`Cuts`] it is given, beside the loop that
+    /// records and sends them: cutting goes on while the span log is written (a round trip to
+    /// its store per cut).
+    pub(crate) async fn drive<F>(&self, cut: impl FnOnce(Cuts<T>) -> F) -> Result<(), PipelineError>
+    where
+        F: Future<Output = Result<(), PipelineError>>,
+    {
+        let (tx, mut rx) = mpsc::channel(1);
+        let emitter = async {
+            while let Some((cuts, across)) = rx.recv().await {
+                self.emit(cuts, across).await?;
+            }
+            Ok(())
+        };
+        let cuts = Cuts {
+            tx,
+            stage: self.stage.clone(),
+        };
+        tokio::try_join!(cut(cuts), emitter)?;
+        Ok(())
+    }
+
     /// Records the new spans, then sends the cuts downstream: each alone, or, with `across`,
     /// the fresh ones together as one batch.
     ///
@@ -260,6 +282,41 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
             self.out.send(batch.tracked(&self.in_flight)).await?;
         }
         Ok(())
+    }
+}
+
+/// Where a span-cutting stage hands its cuts to the loop that records and sends them (see
+/// [`SpanIo::drive`]).
+pub(crate) struct Cuts<T> {
+    tx: mpsc::Sender<(Vec<Cut<T>>, bool)>,
+    stage: Arc<str>,
+}
+
+impl<T> Cuts<T> {
+    /// Hands `cuts` on (`across`: the fresh ones as one batch, see [`SpanIo::emit`]), waiting
+    /// while the previous ones are still being recorded.
+    pub(crate) async fn pass(&self, cuts: Vec<Cut<T>>, across: bool) -> Result<(), PipelineError> {
+        if cuts.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send((cuts, across))
+            .await
+            .map_err(|_| PipelineError::DownstreamClosed {
+                stage: self.stage.clone(),
+            })
+    }
+
+    /// Whether nothing waits to be recorded.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.tx.capacity() == self.tx.max_capacity()
+    }
+    /// A hand-off whose receiving end a test reads.
+    #[cfg(test)]
+    pub(crate) fn test_channel(capacity: usize) -> (Self, mpsc::Receiver<(Vec<Cut<T>>, bool)>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let stage = "test".into();
+        (Self { tx, stage }, rx)
     }
 }
 
@@ -345,40 +402,14 @@ where
         input: Input<Sourced<T>>,
         flush: watch::Receiver<u64>,
     ) -> Result<(), PipelineError> {
-        // Cuts are recorded and sent by a second loop, so the batcher keeps taking input while
-        // the span log is written (a round trip to its store per cut).
-        let (tx, mut rx) = mpsc::channel::<Vec<Cut<T>>>(1);
-        let emitter = async {
-            while let Some(cuts) = rx.recv().await {
-                self.io.emit(cuts, self.across).await?;
-            }
-            Ok(())
-        };
-        tokio::try_join!(self.cut(input, flush, tx), emitter)?;
-        Ok(())
-    }
-
-    /// Hands `cuts` to the emitting loop, waiting while it is busy with the previous ones.
-    async fn pass(
-        &self,
-        tx: &mpsc::Sender<Vec<Cut<T>>>,
-        cuts: Vec<Cut<T>>,
-    ) -> Result<(), PipelineError> {
-        if cuts.is_empty() {
-            return Ok(());
-        }
-        tx.send(cuts)
-            .await
-            .map_err(|_| PipelineError::DownstreamClosed {
-                stage: self.io.stage.clone(),
-            })
+        self.io.drive(|cuts| self.cut(input, flush, cuts)).await
     }
 
     async fn cut(
         &self,
         mut input: Input<Sourced<T>>,
         mut flush: watch::Receiver<u64>,
-        tx: mpsc::Sender<Vec<Cut<T>>>,
+        tx: Cuts<T>,
     ) -> Result<(), PipelineError> {
         let mut state = State::new(self.across);
         let mut flush_open = true;
@@ -400,18 +431,18 @@ where
                     flush_open = changed.is_ok();
                     state.purge_revoked();
                     let cuts = state.flush(false);
-                    self.pass(&tx, cuts).await?;
+                    tx.pass(cuts, self.across).await?;
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     let now = Instant::now();
-                    if tx.capacity() < tx.max_capacity() || self.io.in_flight.count() > 0 {
+                    if !tx.is_idle() || self.io.in_flight.count() > 0 {
                         busy_until = Some(now + BUSY_RECHECK);
                         continue;
                     }
                     busy_until = None;
                     state.purge_revoked();
                     let cuts = state.lingered(now);
-                    self.pass(&tx, cuts).await?;
+                    tx.pass(cuts, self.across).await?;
                 }
                 next = input.recv() => match next {
                     Some(batch) => self.on_input(&mut state, batch, &tx).await?,
@@ -420,14 +451,14 @@ where
             }
         }
         let cuts = state.flush(true);
-        self.pass(&tx, cuts).await
+        tx.pass(cuts, self.across).await
     }
 
     async fn on_input(
         &self,
         state: &mut State<T>,
         batch: Batch<Sourced<T>>,
-        tx: &mpsc::Sender<Vec<Cut<T>>>,
+        tx: &Cuts<T>,
     ) -> Result<(), PipelineError> {
         metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.io.stage.to_string())
             .increment(batch.len() as u64);
@@ -440,7 +471,7 @@ where
         for &(tp, assignment, from) in &seen.new {
             if let Some(old) = state.parts.remove(tp) {
                 let cuts = state.retire(tp, old);
-                self.pass(tx, cuts).await?;
+                tx.pass(cuts, self.across).await?;
             }
             let plans = replay_plan(self.io.load(tp, from).await?);
             if !plans.is_empty() {
@@ -458,7 +489,7 @@ where
         }
         state.after_input(&self.limits, &mut cuts);
         acks.release();
-        self.pass(tx, cuts).await
+        tx.pass(cuts, self.across).await
     }
 }
 

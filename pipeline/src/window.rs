@@ -10,14 +10,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::ack::{AckSet, TopicPartition};
 use crate::batch::Batch;
 use crate::error::PipelineError;
 use crate::metrics as m;
-use crate::span::{Assignments, Cut, Sourced, Span, SpanIo, SpanLog, replay_plan, shares_of};
+use crate::span::{Assignments, Cut, Cuts, Sourced, Span, SpanIo, SpanLog, replay_plan, shares_of};
 use crate::stages::{BatchLimits, Input, sleep_until_opt};
 
 /// How items aggregate into window rows.
@@ -128,9 +128,6 @@ pub(crate) struct Windower<A: WindowAggregate, L> {
     pub(crate) gather: Option<BatchLimits>,
 }
 
-/// Where a window stage hands its cuts (and whether they leave as one batch) to its emitter.
-type Emits<T> = mpsc::Sender<(Vec<Cut<T>>, bool)>;
-
 /// Closed windows waiting to leave together.
 struct Ready<T> {
     cuts: Vec<Cut<T>>,
@@ -164,24 +161,14 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         input: Input<Sourced<A::In>>,
         flush: watch::Receiver<u64>,
     ) -> Result<(), PipelineError> {
-        // Cuts are recorded and sent by a second loop, so windows keep taking input while the
-        // span log is written.
-        let (tx, mut rx) = mpsc::channel::<(Vec<Cut<A::Out>>, bool)>(1);
-        let emitter = async {
-            while let Some((cuts, across)) = rx.recv().await {
-                self.io.emit(cuts, across).await?;
-            }
-            Ok(())
-        };
-        tokio::try_join!(self.cut(input, flush, tx), emitter)?;
-        Ok(())
+        self.io.drive(|cuts| self.cut(input, flush, cuts)).await
     }
 
     async fn cut(
         &self,
         mut input: Input<Sourced<A::In>>,
         mut flush: watch::Receiver<u64>,
-        tx: Emits<A::Out>,
+        tx: Cuts<A::Out>,
     ) -> Result<(), PipelineError> {
         let mut state: State<A::Key, A::Acc> = State {
             parts: HashMap::new(),
@@ -240,23 +227,13 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
     /// due (`now`) or hold `max_rows` rows.
     async fn pass(
         &self,
-        tx: &Emits<A::Out>,
+        tx: &Cuts<A::Out>,
         ready: &mut Ready<A::Out>,
         cuts: Vec<Cut<A::Out>>,
         now: bool,
     ) -> Result<(), PipelineError> {
-        let send = |cuts: Vec<Cut<A::Out>>, across: bool| async move {
-            if cuts.is_empty() {
-                return Ok(());
-            }
-            tx.send((cuts, across))
-                .await
-                .map_err(|_| PipelineError::DownstreamClosed {
-                    stage: self.io.stage.clone(),
-                })
-        };
         let Some(limits) = &self.gather else {
-            return send(cuts, false).await;
+            return tx.pass(cuts, false).await;
         };
         if !cuts.is_empty() {
             ready.since.get_or_insert_with(Instant::now);
@@ -266,7 +243,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         if now || ready.rows >= limits.max_rows {
             ready.rows = 0;
             ready.since = None;
-            return send(std::mem::take(&mut ready.cuts), true).await;
+            return tx.pass(std::mem::take(&mut ready.cuts), true).await;
         }
         Ok(())
     }
@@ -275,7 +252,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         &self,
         state: &mut State<A::Key, A::Acc>,
         batch: Batch<Sourced<A::In>>,
-        tx: &Emits<A::Out>,
+        tx: &Cuts<A::Out>,
         ready: &mut Ready<A::Out>,
     ) -> Result<(), PipelineError> {
         metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.io.stage.to_string())
@@ -563,7 +540,7 @@ mod tests {
 
     #[tokio::test]
     async fn gathered_windows_leave_together_at_the_row_limit_or_when_due() {
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, mut rx) = Cuts::test_channel(4);
         let mut w = windower();
         w.gather = Some(BatchLimits {
             max_rows: 3,
