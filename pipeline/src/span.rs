@@ -285,10 +285,13 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
     }
 }
 
+/// One hand-off to the recording loop: cuts, and whether the fresh ones leave as one batch.
+type Handoff<T> = (Vec<Cut<T>>, bool);
+
 /// Where a span-cutting stage hands its cuts to the loop that records and sends them (see
 /// [`SpanIo::drive`]).
 pub(crate) struct Cuts<T> {
-    tx: mpsc::Sender<(Vec<Cut<T>>, bool)>,
+    tx: mpsc::Sender<Handoff<T>>,
     stage: Arc<str>,
 }
 
@@ -313,7 +316,7 @@ impl<T> Cuts<T> {
     }
     /// A hand-off whose receiving end a test reads.
     #[cfg(test)]
-    pub(crate) fn test_channel(capacity: usize) -> (Self, mpsc::Receiver<(Vec<Cut<T>>, bool)>) {
+    pub(crate) fn test_channel(capacity: usize) -> (Self, mpsc::Receiver<Handoff<T>>) {
         let (tx, rx) = mpsc::channel(capacity);
         let stage = "test".into();
         (Self { tx, stage }, rx)
