@@ -349,11 +349,14 @@ pub fn build(
     };
     let usage_log = t.spans.for_table("usage_records");
     let usage_client = t.client.clone();
-    // Each window leaves alone and is replayed by its token: usage rows are sums, and two
-    // windows or partitions often give identical ones, which the check of a recovered batch
-    // (`Flow::window_across`) would take as already written.
+    // Gathered windows are replayed by comparing rows; `UsageWindows::stamp` makes every
+    // window's rows differ (two windows' sums are often equal, their sources never are).
     let window_stage = Stage::new("usage_records.window").retry(retry.clone());
-    let usage_rows = f_usage.window(window_stage, spec, usage, usage_log);
+    let usage_rows = if p.batch_across_partitions {
+        f_usage.window_across(window_stage, spec, usage, usage_log, t.limits.clone())
+    } else {
+        f_usage.window(window_stage, spec, usage, usage_log)
+    };
     usage_rows.sink(
         Stage::new("usage_records")
             .workers(p.insert_concurrency)

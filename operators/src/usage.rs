@@ -1,7 +1,7 @@
 //! `usage_records` for billing: usage facts of each event, summed per tenant and usage type in
 //! event-time windows (the pipeline's window stage does the windowing and exactly-once).
 
-use sluice_pipeline::WindowAggregate;
+use sluice_pipeline::{Span, WindowAggregate};
 use sluice_schemas::rows::UsageRow;
 use sluice_schemas::{Event, EventType};
 use uuid::Uuid;
@@ -98,6 +98,19 @@ impl WindowAggregate for UsageWindows {
             usage_details: format!(r#"{{"window_seconds":{}}}"#, self.window_secs),
         }
     }
+
+    /// `usage_details` names the records the sum came from: the window length, the topic,
+    /// partition and first offset of the window's span. Two windows' sums are often equal,
+    /// their sources never are.
+    fn stamp(&self, row: &mut UsageRow, source: &Span) {
+        row.usage_details = serde_json::json!({
+            "window_seconds": self.window_secs,
+            "topic": &*source.tp.topic,
+            "partition": source.tp.partition,
+            "first_offset": source.first,
+        })
+        .to_string();
+    }
 }
 
 #[cfg(test)]
@@ -140,5 +153,23 @@ mod tests {
             ("viewer_seconds", 30.0, "c1")
         );
         assert_eq!(row.timestamp as i64, window);
+
+        // Equal sums of two spans make different rows, each naming its source.
+        let span = |partition, first| Span {
+            tp: sluice_pipeline::TopicPartition::new("analytics_events", partition),
+            first,
+            last: first + 9,
+            items: 10,
+            key: window,
+            across: true,
+        };
+        let (mut a, mut b) = (row.clone(), row.clone());
+        w.stamp(&mut a, &span(0, 100));
+        w.stamp(&mut b, &span(1, 100));
+        assert_ne!(a, b);
+        assert_eq!(
+            a.usage_details,
+            r#"{"first_offset":100,"partition":0,"topic":"analytics_events","window_seconds":60}"#
+        );
     }
 }

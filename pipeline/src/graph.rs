@@ -761,8 +761,9 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     /// naming all their spans (each marked [`Span::across`](crate::Span::across)): one write per
     /// linger when many windows close at once (a backlog), instead of one per window and
     /// partition. Replays of such spans leave as [`Batch::recovered`] batches (see
-    /// [`Flow::batch_spans_across`]), checked row by row against what the sink holds: use it
-    /// only for rows that no two windows or partitions can produce identically (sums often are).
+    /// [`Flow::batch_spans_across`]), checked row by row against what the sink holds, so no
+    /// two windows' rows may be identical: sums often are, so mark rows with their source
+    /// ([`WindowAggregate::stamp`](crate::window::WindowAggregate::stamp)).
     pub fn window_across<A, L>(
         self,
         stage: impl Into<Stage>,
