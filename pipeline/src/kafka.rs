@@ -125,7 +125,11 @@ impl KafkaSourceConfig {
             .set("queued.max.messages.kbytes", "8192")
             .set("queued.min.messages", "20000")
             .set("fetch.max.bytes", "8388608")
-            .set("receive.message.max.bytes", "9437184");
+            .set("receive.message.max.bytes", "9437184")
+            // Once the pre-fetch queue reaches those bounds librdkafka stops fetching for this
+            // long (1 s by default): a source that empties its queue faster than that would
+            // receive in one-second pulses (about 33,000 records/s here instead of 300,000).
+            .set("fetch.queue.backoff.ms", "10");
         for (k, v) in &self.client {
             c.set(k, v);
         }
