@@ -161,6 +161,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -558,4 +559,15 @@ async fn ensure_topic(config: &Config, topic: &str, partitions: i32) -> anyhow::
         }
     }
     Ok(())
+}
+
+/// glibc gives each thread that allocates its own arena (up to 8 per core) and batches freed on
+/// other threads fragment them: a 1M-event drain peaked at 291 MB with the default, 224 MB with
+/// two arenas. Must run before the runtime starts its threads.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
