@@ -14,7 +14,7 @@ use sluice_pipeline::{
 use sluice_schemas::TableRow;
 use sluice_schemas::rows::UsageRow;
 use sluice_schemas::rows::{
-    ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow,
+    ConnectionEventRow, NodeMetricRow, RoutingEventRow, RowBytes, StreamEventRow, StreamHealthRow,
     TrackListRow, ViewerMetricRow,
 };
 use sluice_sinks::{ClickHouseSink, ClickHouseSpanLog, ReducerSink, SPAN_LOG_TABLE};
@@ -408,14 +408,17 @@ impl Tables {
     /// partition) and concurrent inserts for `table`.
     fn add<T>(&self, flow: Flow<Sourced<T>>, table: &str)
     where
-        T: RowOwned + RowWrite + Send + Sync,
+        T: RowOwned + RowWrite + RowBytes + Send + Sync,
     {
         let client = self.client.clone();
         let table_name = table.to_owned();
         let log = self.spans.for_table(table);
-        let stage = Stage::new(format!("{table}.batch")).retry(self.retry.clone());
-        // Rows are small and similar: a fixed estimate keeps the byte limit cheap to apply.
-        let size_of = |_: &T| 128;
+        // One finished batch waiting while the inserts run is enough to keep them busy; a
+        // deeper queue of batches of up to `batch_max_rows` rows would only hold memory.
+        let stage = Stage::new(format!("{table}.batch"))
+            .capacity(1)
+            .retry(self.retry.clone());
+        let size_of = |row: &T| row.row_bytes();
         let batches = if self.across {
             flow.batch_spans_across(stage, self.limits.clone(), size_of, log)
         } else {

@@ -292,3 +292,88 @@ impl TableRow {
         }
     }
 }
+
+/// Bytes a row holds in memory: the struct and its strings' buffers. What a batch's byte limit
+/// counts, so that the limit bounds memory whatever the events carry.
+pub trait RowBytes {
+    /// This row's bytes.
+    fn row_bytes(&self) -> usize;
+}
+
+macro_rules! row_bytes {
+    ($row:ty { $($s:ident),* } $({ $($o:ident),* })?) => {
+        impl RowBytes for $row {
+            fn row_bytes(&self) -> usize {
+                std::mem::size_of::<Self>()
+                    $(+ self.$s.capacity())*
+                    $($(+ self.$o.as_ref().map_or(0, String::capacity))*)?
+            }
+        }
+    };
+}
+
+row_bytes!(StreamEventRow { internal_name, event_type, status, node_id, event_data }
+    { ingest_type, protocol, target });
+row_bytes!(ConnectionEventRow {
+    internal_name,
+    user_id,
+    session_id,
+    connection_addr,
+    user_agent,
+    connector,
+    node_id,
+    city,
+    event_type
+});
+row_bytes!(StreamHealthRow {
+    internal_name,
+    node_id
+});
+row_bytes!(ViewerMetricRow {
+    internal_name,
+    connection_type,
+    node_id,
+    city
+});
+row_bytes!(NodeMetricRow { node_id });
+row_bytes!(RoutingEventRow {
+    stream_name,
+    selected_node,
+    status,
+    details,
+    client_ip,
+    client_region,
+    client_city,
+    node_scores,
+    routing_metadata
+});
+row_bytes!(TrackListRow {
+    internal_name,
+    node_id,
+    track_list
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_bytes_count_the_struct_and_every_string() {
+        let base = StreamEventRow::default().row_bytes();
+        assert_eq!(base, std::mem::size_of::<StreamEventRow>());
+        let row = StreamEventRow {
+            event_data: "x".repeat(1000),
+            protocol: Some("srt".into()),
+            ..Default::default()
+        };
+        assert_eq!(row.row_bytes(), base + 1003);
+        let routing = RoutingEventRow {
+            routing_metadata: "y".repeat(10),
+            ..Default::default()
+        };
+        assert_eq!(
+            routing.row_bytes(),
+            std::mem::size_of::<RoutingEventRow>() + 10
+        );
+    }
+}
