@@ -269,7 +269,7 @@ pub struct PipelineSettings {
     pub queue_capacity: usize,
     /// Rows per ClickHouse insert at most.
     pub batch_max_rows: usize,
-    /// Bytes per ClickHouse insert at most.
+    /// Bytes per ClickHouse insert at most, counted as the rows take in memory.
     pub batch_max_bytes: usize,
     /// How long a batch may wait to fill, milliseconds.
     pub batch_linger_ms: u64,
@@ -302,7 +302,7 @@ impl Default for PipelineSettings {
         Self {
             queue_capacity: 8,
             batch_max_rows: 50_000,
-            batch_max_bytes: 16 << 20,
+            batch_max_bytes: 8 << 20,
             batch_linger_ms: 500,
             insert_concurrency: 2,
             batch_across_partitions: true,

@@ -372,9 +372,14 @@ pub fn build(
     };
     if let (Some(pool), Some(f_states)) = (postgres, f_states) {
         let group: Arc<str> = config.kafka.group_id.as_str().into();
-        // One writer: a partition's events are applied in offset order.
+        // One writer: a partition's events are applied in offset order. As for the tables,
+        // one finished batch waits while it writes.
         f_states
-            .batch("stream_analytics.batch", reducer_limits, |_| 96)
+            .batch(
+                Stage::new("stream_analytics.batch").capacity(1),
+                reducer_limits,
+                |_| 96,
+            )
             .sink(
                 Stage::new("stream_analytics").retry(retry.clone()),
                 move || ReducerSink::new(pool.clone(), Arc::new(StreamAnalytics), group.clone()),
