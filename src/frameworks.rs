@@ -378,7 +378,7 @@ pub fn build(
             .batch(
                 Stage::new("stream_analytics.batch").capacity(1),
                 reducer_limits,
-                |_| 96,
+                |s: &Sourced<StateEvent>| s.item.bytes(),
             )
             .sink(
                 Stage::new("stream_analytics").retry(retry.clone()),

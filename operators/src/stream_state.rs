@@ -174,6 +174,20 @@ fn pg_json(v: serde_json::Value) -> serde_json::Value {
 }
 
 impl StateEvent {
+    /// Bytes this event holds in memory: the struct, its strings and parsed track details
+    /// (counted as their JSON text). What the reducer's batch byte limit counts.
+    pub fn bytes(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        let change = match &self.change {
+            Change::Lifecycle { status } | Change::End { status } => text(status),
+            Change::Tracks {
+                details: Some(d), ..
+            } => d.to_string().len(),
+            _ => 0,
+        };
+        std::mem::size_of::<Self>() + self.key.1.capacity() + text(&self.node_id) + change
+    }
+
     /// The reducer's view of `e`, if its type is reduced and it names a stream; an error when
     /// its stream name cannot be a key. Text is made to fit its column (NULs removed, cut to
     /// the column's width).
@@ -461,5 +475,24 @@ mod tests {
             s.track_details,
             Some(serde_json::Value::String("not json".into()))
         );
+    }
+
+    #[test]
+    fn bytes_count_the_struct_and_what_it_holds() {
+        let state = |kind, data| StateEvent::from_event(&ev(kind, 0, data)).unwrap().unwrap();
+        let base = std::mem::size_of::<StateEvent>();
+        let connect = state(
+            "user-connection",
+            r#"{"internal_name":"abc","action":"connect"}"#,
+        );
+        assert_eq!(connect.bytes(), base + 3);
+        let live = state(
+            "stream-lifecycle",
+            r#"{"internal_name":"abc","status":"live"}"#,
+        );
+        assert_eq!(live.bytes(), base + 3 + 4);
+        let tracks = format!(r#"[{{"codec":"{}"}}]"#, "x".repeat(1000));
+        let data = serde_json::json!({"internal_name": "abc", "track_list": tracks}).to_string();
+        assert!(state("track-list", &data).bytes() > base + 1000);
     }
 }
