@@ -423,11 +423,10 @@ impl Tables {
         let stage = Stage::new(format!("{table}.batch"))
             .capacity(1)
             .retry(self.retry.clone());
-        let size_of = |row: &T| row.row_bytes();
         let batches = if self.across {
-            flow.batch_spans_across(stage, self.limits.clone(), size_of, log)
+            flow.batch_spans_across(stage, self.limits.clone(), T::row_bytes, log)
         } else {
-            flow.batch_spans(stage, self.limits.clone(), size_of, log)
+            flow.batch_spans(stage, self.limits.clone(), T::row_bytes, log)
         };
         batches.sink(
             Stage::new(table)

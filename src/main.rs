@@ -161,7 +161,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    tune_malloc();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -567,7 +567,7 @@ async fn ensure_topic(config: &Config, topic: &str, partitions: i32) -> anyhow::
 /// which batch buffers of several MiB come from the arenas and stay there once freed; a fixed
 /// threshold keeps them mapped and returned whole. Must run before the runtime starts its
 /// threads.
-fn limit_malloc_arenas() {
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
     unsafe {

@@ -158,6 +158,19 @@ fn pg_text(s: String, max: usize) -> String {
     s.chars().filter(|c| *c != '\0').take(max).collect()
 }
 
+/// Bytes a parsed JSON value holds: its nodes, keys and strings (counted without serialising
+/// it: the batcher asks for every event).
+fn json_bytes(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    std::mem::size_of::<Value>()
+        + match v {
+            Value::String(s) => s.capacity(),
+            Value::Array(a) => a.iter().map(json_bytes).sum(),
+            Value::Object(o) => o.iter().map(|(k, v)| k.capacity() + json_bytes(v)).sum(),
+            _ => 0,
+        }
+}
+
 /// `v` without NUL characters in any string (PostgreSQL `jsonb` refuses `\u0000`).
 fn pg_json(v: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
@@ -174,15 +187,15 @@ fn pg_json(v: serde_json::Value) -> serde_json::Value {
 }
 
 impl StateEvent {
-    /// Bytes this event holds in memory: the struct, its strings and parsed track details
-    /// (counted as their JSON text). What the reducer's batch byte limit counts.
+    /// Bytes this event holds in memory: the struct, its strings and parsed track details.
+    /// What the reducer's batch byte limit counts.
     pub fn bytes(&self) -> usize {
         let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
         let change = match &self.change {
             Change::Lifecycle { status } | Change::End { status } => text(status),
             Change::Tracks {
                 details: Some(d), ..
-            } => d.to_string().len(),
+            } => json_bytes(d),
             _ => 0,
         };
         std::mem::size_of::<Self>() + self.key.1.capacity() + text(&self.node_id) + change
