@@ -39,7 +39,7 @@ async fn fresh_database() -> Client {
 }
 
 /// Event `i`, `i` seconds after a recent fixed point (older rows would fall to the TTLs).
-fn event(i: usize, kind: &str, data: &str) -> Event {
+fn event(i: usize, kind: &str, data: &str) -> Event<'static> {
     let base = time::OffsetDateTime::now_utc().unix_timestamp() / 3600 * 3600 - 7200;
     let ts = time::OffsetDateTime::from_unix_timestamp(base + i as i64).expect("time");
     let ts = ts
@@ -48,7 +48,9 @@ fn event(i: usize, kind: &str, data: &str) -> Event {
     let json = format!(
         r#"{{"id":"00000000-0000-4000-8000-{i:012}","type":"{kind}","timestamp":"{ts}","tenant_id":"{TENANT}","data":{data}}}"#
     );
-    Event::decode(json.as_bytes(), None).expect("valid event")
+    Event::decode(json.as_bytes(), None)
+        .expect("valid event")
+        .into_owned()
 }
 
 /// A batch with its own source range, as the Kafka source would hand out.

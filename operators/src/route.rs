@@ -7,7 +7,7 @@ use sluice_schemas::rows::{
     ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow, TableRow,
     TrackListRow, ViewerMetricRow,
 };
-use sluice_schemas::{Event, EventType};
+use sluice_schemas::{Event, EventType, Field};
 
 /// Why an event cannot become rows.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -49,7 +49,7 @@ pub enum RouteError {
 }
 
 /// Reads typed fields of one event, turning bad values into [`RouteError`]s.
-struct Fields<'a>(&'a Event);
+struct Fields<'a>(&'a Event<'a>);
 
 impl Fields<'_> {
     fn text(&self, key: &str) -> String {
@@ -59,7 +59,7 @@ impl Fields<'_> {
     /// Objects and arrays as JSON text, scalars as text.
     fn json_text(&self, key: &str) -> String {
         match self.0.data.get(key) {
-            Some(v @ (Value::Object(_) | Value::Array(_))) => v.to_string(),
+            Some(Field::Json(v @ (Value::Object(_) | Value::Array(_)))) => v.to_string(),
             _ => self.text(key),
         }
     }
@@ -72,12 +72,7 @@ impl Fields<'_> {
     }
 
     fn raw(&self, key: &str) -> String {
-        let s = self
-            .0
-            .data
-            .get(key)
-            .map(Value::to_string)
-            .unwrap_or_default();
+        let s = self.0.data.get(key).map(Field::to_json).unwrap_or_default();
         s.chars().take(60).collect()
     }
 
@@ -360,11 +355,13 @@ mod tests {
 
     const ID: &str = "6f1c3a52-1b8e-4f0e-9a51-2f4b8f6d1c11";
 
-    fn event(kind: &str, data: &str) -> Event {
+    fn event(kind: &str, data: &str) -> Event<'static> {
         let json = format!(
             r#"{{"id":"{ID}","type":"{kind}","timestamp":"2025-07-22T10:00:00Z","data":{data}}}"#
         );
-        Event::decode(json.as_bytes(), None).expect("valid event")
+        Event::decode(json.as_bytes(), None)
+            .expect("valid event")
+            .into_owned()
     }
 
     fn one(kind: &str, data: &str) -> TableRow {

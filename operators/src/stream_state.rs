@@ -333,7 +333,7 @@ impl StreamState {
 mod tests {
     use super::*;
 
-    fn ev(kind: &str, secs: i64, data: &str) -> Event {
+    fn ev(kind: &str, secs: i64, data: &str) -> Event<'static> {
         let ts = OffsetDateTime::from_unix_timestamp(1_760_000_000 + secs).unwrap();
         let ts = ts
             .format(&time::format_description::well_known::Rfc3339)
@@ -341,7 +341,7 @@ mod tests {
         let json = format!(
             r#"{{"id":"6f1c3a52-1b8e-4f0e-9a51-2f4b8f6d1c11","type":"{kind}","timestamp":"{ts}","data":{data}}}"#
         );
-        Event::decode(json.as_bytes(), None).unwrap()
+        Event::decode(json.as_bytes(), None).unwrap().into_owned()
     }
 
     #[test]

@@ -117,12 +117,13 @@ impl WindowAggregate for UsageWindows {
 mod tests {
     use super::*;
 
-    fn ev(data: &str) -> Event {
+    fn ev(data: &str) -> Event<'static> {
         Event::decode(
             format!(r#"{{"id":"6f1c3a52-1b8e-4f0e-9a51-2f4b8f6d1c11","type":"user-connection","timestamp":"2026-02-28T23:59:30Z","data":{data}}}"#).as_bytes(),
             None,
         )
         .unwrap()
+        .into_owned()
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! The FrameWorks analytics event: envelope, event type, tenant resolution, and lenient
 //! access to the `data` fields (numbers and booleans arrive as JSON strings or as JSON values).
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde::de::MapAccess;
+use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
+
+use crate::data::{Checked, CowStr, Data, Field, MaybeStr, ReadMap, Shape};
 
 /// The tenant of events that name none.
 pub const DEFAULT_TENANT: Uuid = Uuid::from_u128(1);
@@ -111,9 +116,10 @@ pub enum DecodeError {
     UnknownType(String),
 }
 
-/// A decoded event.
+/// A decoded event. Its strings borrow from the record's value where they can
+/// ([`Event::into_owned`] detaches it).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
+pub struct Event<'a> {
     /// `id` (or `event_id`).
     pub id: Uuid,
     /// `type` (or `event_type`).
@@ -123,71 +129,111 @@ pub struct Event {
     /// Resolved tenant.
     pub tenant_id: Uuid,
     /// `source`, if any.
-    pub source: Option<String>,
+    pub source: Option<Cow<'a, str>>,
     /// The `data` object (empty when absent).
-    pub data: Map<String, Value>,
+    pub data: Data<'a>,
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
+/// The envelope's fields as read: strings only (any other JSON value counts as absent, as
+/// before), the last of duplicate keys winning.
+#[derive(Default)]
+struct Envelope<'a> {
+    id: Option<Cow<'a, str>>,
+    event_id: Option<Cow<'a, str>>,
+    kind: Option<Cow<'a, str>>,
+    event_type: Option<Cow<'a, str>>,
+    timestamp: Option<Cow<'a, str>>,
+    source: Option<Cow<'a, str>>,
+    tenant_id: Option<Cow<'a, str>>,
+    data: Option<Shape<Data<'a>>>,
+}
+
+impl<'de> ReadMap<'de> for Box<Envelope<'de>> {
+    fn read_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut env = Box::new(Envelope::default());
+        while let Some(CowStr(key)) = map.next_key()? {
+            let slot = match key.as_ref() {
+                "id" => &mut env.id,
+                "event_id" => &mut env.event_id,
+                "type" => &mut env.kind,
+                "event_type" => &mut env.event_type,
+                "timestamp" => &mut env.timestamp,
+                "source" => &mut env.source,
+                "tenant_id" => &mut env.tenant_id,
+                "data" => {
+                    env.data = map.next_value()?;
+                    continue;
+                }
+                _ => {
+                    map.next_value::<Checked>()?;
+                    continue;
+                }
+            };
+            *slot = map.next_value::<MaybeStr>()?.0;
+        }
+        Ok(env)
     }
 }
 
-fn non_empty(v: Option<&Value>) -> Option<&str> {
-    v.and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+/// The text of a string, trimmed, if it is not blank.
+fn non_empty(v: Option<&str>) -> Option<&str> {
+    v.map(str::trim).filter(|s| !s.is_empty())
 }
 
-impl Event {
+impl<'a> Event<'a> {
     /// Decodes a record value. `header_tenant` is the record's `tenant_id` header, which wins
     /// over the envelope's and `data`'s.
-    pub fn decode(value: &[u8], header_tenant: Option<&[u8]>) -> Result<Event, DecodeError> {
+    ///
+    /// The envelope is read field by field and `data` into borrowed strings, without a
+    /// `serde_json::Value` tree; what is accepted and rejected is exactly what parsing into a
+    /// `Value` would accept and reject (tested).
+    pub fn decode(value: &'a [u8], header_tenant: Option<&[u8]>) -> Result<Event<'a>, DecodeError> {
         if value.is_empty() {
             return Err(DecodeError::Empty);
         }
-        let root: Value =
-            serde_json::from_slice(value).map_err(|e| DecodeError::Json(e.to_string()))?;
-        let Value::Object(mut env) = root else {
-            return Err(DecodeError::NotObject(json_kind(&root)));
+        // One UTF-8 check of the whole value is cheaper than serde_json's check of every
+        // string; a value that fails it is parsed from bytes for serde_json's own error.
+        let root: Shape<Box<Envelope<'a>>> = match std::str::from_utf8(value) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(value),
+        }
+        .map_err(|e| DecodeError::Json(e.to_string()))?;
+        let env = match root {
+            Shape::Object(env) => env,
+            Shape::Null => return Err(DecodeError::NotObject("null")),
+            Shape::Other(kind) => return Err(DecodeError::NotObject(kind)),
         };
-        let id_str = non_empty(env.get("id"))
-            .or(non_empty(env.get("event_id")))
+        let id_str = non_empty(env.id.as_deref())
+            .or(non_empty(env.event_id.as_deref()))
             .ok_or(DecodeError::Missing("id"))?;
         let id = Uuid::parse_str(id_str).map_err(|e| DecodeError::Invalid {
             field: "id",
             reason: format!("`{}` is not a UUID: {e}", clip(id_str)),
         })?;
-        let type_str = non_empty(env.get("type"))
-            .or(non_empty(env.get("event_type")))
+        let type_str = non_empty(env.kind.as_deref())
+            .or(non_empty(env.event_type.as_deref()))
             .ok_or(DecodeError::Missing("type"))?;
         let kind =
             EventType::parse(type_str).ok_or_else(|| DecodeError::UnknownType(clip(type_str)))?;
-        let ts_str = non_empty(env.get("timestamp")).ok_or(DecodeError::Missing("timestamp"))?;
+        let ts_str =
+            non_empty(env.timestamp.as_deref()).ok_or(DecodeError::Missing("timestamp"))?;
         let timestamp = parse_timestamp(ts_str)?;
-        let data = match env.remove("data") {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(m)) => m,
-            Some(other) => {
+        let data = match env.data {
+            None | Some(Shape::Null) => Data::default(),
+            Some(Shape::Object(data)) => data,
+            Some(Shape::Other(kind)) => {
                 return Err(DecodeError::Invalid {
                     field: "data",
-                    reason: format!("is a JSON {}, not an object", json_kind(&other)),
+                    reason: format!("is a JSON {kind}, not an object"),
                 });
             }
         };
-        let header = header_tenant
-            .map(|h| String::from_utf8_lossy(h).trim().to_owned())
-            .filter(|s| !s.is_empty());
-        let tenant_str = header
-            .as_deref()
-            .or(non_empty(env.get("tenant_id")))
-            .or(non_empty(data.get("tenant_id")));
+        let header = header_tenant.map(|h| {
+            std::str::from_utf8(h).map_or_else(|_| String::from_utf8_lossy(h), Cow::Borrowed)
+        });
+        let tenant_str = non_empty(header.as_deref())
+            .or(non_empty(env.tenant_id.as_deref()))
+            .or(non_empty(data.get("tenant_id").and_then(Field::as_str)));
         let tenant_id = match tenant_str {
             None => DEFAULT_TENANT,
             Some(t) => Uuid::parse_str(t).map_err(|_| DecodeError::Invalid {
@@ -195,7 +241,11 @@ impl Event {
                 reason: format!("`{}` is not a UUID", clip(t)),
             })?,
         };
-        let source = non_empty(env.get("source")).map(str::to_owned);
+        let source = match env.source {
+            Some(Cow::Borrowed(s)) => non_empty(Some(s)).map(Cow::Borrowed),
+            Some(Cow::Owned(s)) => non_empty(Some(&s)).map(|s| Cow::Owned(s.to_owned())),
+            None => None,
+        };
         Ok(Event {
             id,
             kind,
@@ -206,6 +256,18 @@ impl Event {
         })
     }
 
+    /// The same event, owning its strings.
+    pub fn into_owned(self) -> Event<'static> {
+        Event {
+            id: self.id,
+            kind: self.kind,
+            timestamp: self.timestamp,
+            tenant_id: self.tenant_id,
+            source: self.source.map(|s| Cow::Owned(s.into_owned())),
+            data: self.data.into_owned(),
+        }
+    }
+
     /// Seconds since the epoch (fits a ClickHouse `DateTime`: checked when decoding).
     pub fn unix_seconds(&self) -> u32 {
         self.timestamp.unix_timestamp().clamp(0, MAX_DATETIME) as u32
@@ -214,15 +276,15 @@ impl Event {
     /// A `data` field as text: strings as they are, numbers and booleans formatted; `None`
     /// when absent, null, empty, or an object/array.
     pub fn str(&self, key: &str) -> Option<&str> {
-        non_empty(self.data.get(key))
+        non_empty(self.data.get(key).and_then(Field::as_str))
     }
 
     /// A `data` field as text, numbers and booleans included.
     pub fn text(&self, key: &str) -> Option<String> {
         match self.data.get(key)? {
-            Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
+            Field::Str(s) if !s.trim().is_empty() => Some(s.as_ref().to_owned()),
+            Field::Json(Value::Number(n)) => Some(n.to_string()),
+            Field::Json(Value::Bool(b)) => Some(b.to_string()),
             _ => None,
         }
     }
@@ -230,9 +292,9 @@ impl Event {
     /// A `data` field as a number: `42`, `42.5`, `"42"`, `"12.5"`.
     pub fn f64(&self, key: &str) -> Option<f64> {
         let v = match self.data.get(key)? {
-            Value::Number(n) => n.as_f64(),
-            Value::String(s) => s.trim().parse::<f64>().ok(),
-            Value::Bool(b) => Some(f64::from(u8::from(*b))),
+            Field::Json(Value::Number(n)) => n.as_f64(),
+            Field::Str(s) => s.trim().parse::<f64>().ok(),
+            Field::Json(Value::Bool(b)) => Some(f64::from(u8::from(*b))),
             _ => None,
         }?;
         v.is_finite().then_some(v)
@@ -242,12 +304,12 @@ impl Event {
     /// values outside `i64`.
     pub fn i64(&self, key: &str) -> Option<i64> {
         match self.data.get(key)? {
-            Value::Number(n) => n.as_i64().or_else(|| {
+            Field::Json(Value::Number(n)) => n.as_i64().or_else(|| {
                 n.as_f64()
                     .filter(|f| f.fract() == 0.0 && f.abs() < 9.2e18)
                     .map(|f| f as i64)
             }),
-            Value::String(s) => {
+            Field::Str(s) => {
                 let s = s.trim();
                 s.parse::<i64>().ok().or_else(|| {
                     s.parse::<f64>()
@@ -263,9 +325,9 @@ impl Event {
     /// A `data` field as a boolean: `true`, `"true"`, `1`, `"1"` (and their false forms).
     pub fn bool(&self, key: &str) -> Option<bool> {
         match self.data.get(key)? {
-            Value::Bool(b) => Some(*b),
-            Value::Number(n) => n.as_f64().map(|f| f != 0.0),
-            Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            Field::Json(Value::Bool(b)) => Some(*b),
+            Field::Json(Value::Number(n)) => n.as_f64().map(|f| f != 0.0),
+            Field::Str(s) => match s.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" => Some(true),
                 "false" | "0" | "no" => Some(false),
                 _ => None,
@@ -276,7 +338,7 @@ impl Event {
 
     /// The `data` object re-serialised as JSON (`event_data`).
     pub fn data_json(&self) -> String {
-        serde_json::to_string(&self.data).unwrap_or_else(|_| "{}".to_owned())
+        self.data.to_json()
     }
 }
 
@@ -320,8 +382,8 @@ mod tests {
     const ID: &str = "6f1c3a52-1b8e-4f0e-9a51-2f4b8f6d1c11";
     const TENANT: &str = "9b2f0a7c-4d3e-4b8a-8c1d-0e5f6a7b8c9d";
 
-    fn decode(json: &str) -> Result<Event, DecodeError> {
-        Event::decode(json.as_bytes(), None)
+    fn decode(json: &str) -> Result<Event<'static>, DecodeError> {
+        Event::decode(json.as_bytes(), None).map(Event::into_owned)
     }
 
     #[test]
@@ -478,5 +540,182 @@ mod tests {
             decode(&deep).is_err(),
             "deep nesting is refused, not a stack overflow"
         );
+    }
+
+    /// What both decoders are compared on: id, type, time, tenant, source and `data`'s JSON.
+    type Decoded = (
+        Uuid,
+        EventType,
+        OffsetDateTime,
+        Uuid,
+        Option<String>,
+        String,
+    );
+
+    /// The decoder before it read fields directly: everything through a `serde_json::Value`.
+    /// The fast decoder must give the same event, or the same error, for any input.
+    fn reference_decode(
+        value: &[u8],
+        header_tenant: Option<&[u8]>,
+    ) -> Result<Decoded, DecodeError> {
+        fn kind_of(v: &Value) -> &'static str {
+            match v {
+                Value::Null => "null",
+                Value::Bool(_) => "boolean",
+                Value::Number(_) => "number",
+                Value::String(_) => "string",
+                Value::Array(_) => "array",
+                Value::Object(_) => "object",
+            }
+        }
+        fn text(v: Option<&Value>) -> Option<&str> {
+            non_empty(v.and_then(Value::as_str))
+        }
+        if value.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let root: Value =
+            serde_json::from_slice(value).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let Value::Object(mut env) = root else {
+            return Err(DecodeError::NotObject(kind_of(&root)));
+        };
+        let id_str = text(env.get("id"))
+            .or(text(env.get("event_id")))
+            .ok_or(DecodeError::Missing("id"))?;
+        let id = Uuid::parse_str(id_str).map_err(|e| DecodeError::Invalid {
+            field: "id",
+            reason: format!("`{}` is not a UUID: {e}", clip(id_str)),
+        })?;
+        let type_str = text(env.get("type"))
+            .or(text(env.get("event_type")))
+            .ok_or(DecodeError::Missing("type"))?;
+        let kind =
+            EventType::parse(type_str).ok_or_else(|| DecodeError::UnknownType(clip(type_str)))?;
+        let ts_str = text(env.get("timestamp")).ok_or(DecodeError::Missing("timestamp"))?;
+        let timestamp = parse_timestamp(ts_str)?;
+        let data = match env.remove("data") {
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(other) => {
+                return Err(DecodeError::Invalid {
+                    field: "data",
+                    reason: format!("is a JSON {}, not an object", kind_of(&other)),
+                });
+            }
+        };
+        let header = header_tenant
+            .map(|h| String::from_utf8_lossy(h).trim().to_owned())
+            .filter(|s| !s.is_empty());
+        let tenant_str = header
+            .as_deref()
+            .or(text(env.get("tenant_id")))
+            .or(text(data.get("tenant_id")));
+        let tenant_id = match tenant_str {
+            None => DEFAULT_TENANT,
+            Some(t) => Uuid::parse_str(t).map_err(|_| DecodeError::Invalid {
+                field: "tenant_id",
+                reason: format!("`{}` is not a UUID", clip(t)),
+            })?,
+        };
+        let source = text(env.get("source")).map(str::to_owned);
+        let data = serde_json::to_string(&data).unwrap();
+        Ok((id, kind, timestamp, tenant_id, source, data))
+    }
+
+    fn same_as_reference(value: &[u8], header: Option<&[u8]>) {
+        let fast = Event::decode(value, header).map(|e| {
+            (
+                e.id,
+                e.kind,
+                e.timestamp,
+                e.tenant_id,
+                e.source.as_deref().map(str::to_owned),
+                e.data_json(),
+            )
+        });
+        assert_eq!(
+            fast,
+            reference_decode(value, header),
+            "{}",
+            String::from_utf8_lossy(value)
+        );
+    }
+
+    #[test]
+    fn decodes_exactly_as_through_a_value() {
+        let mut generator = crate::sample::Generator::new(3, 4, 2_000);
+        let mut samples = Vec::new();
+        for i in 0..2_000 {
+            let (_, value, tenant) = generator.event(i);
+            same_as_reference(value.as_bytes(), Some(tenant.as_bytes()));
+            same_as_reference(value.as_bytes(), None);
+            if i % 400 == 0 {
+                samples.push(value);
+            }
+        }
+        let ts = r#""timestamp":"2025-07-22T10:00:00Z""#;
+        let t2 = "11111111-2222-4333-8444-555555555555";
+        let odd = [
+            // Duplicate keys: the last wins, whatever its type.
+            format!(r#"{{"id":"{ID}","id":5,"event_id":"{t2}","type":"track-list",{ts}}}"#),
+            format!(r#"{{"id":"x","id":"{ID}","type":"stream-view","type":"track-list",{ts}}}"#),
+            format!(r#"{{"id":"{ID}","type":"track-list",{ts},"data":[1],"data":{{"a":"1"}}}}"#),
+            format!(r#"{{"id":"{ID}","type":"track-list",{ts},"data":{{"a":"1"}},"data":"s"}}"#),
+            format!(
+                r#"{{"id":"{ID}","type":"track-list",{ts},"data":{{"a":1,"a":"2","b":{{"y":1,"x":2}}}}}}"#
+            ),
+            // Non-string envelope fields count as absent.
+            format!(
+                r#"{{"id":{{"a":1}},"event_id":"{ID}","type":["track-list"],"event_type":"track-list",{ts}}}"#
+            ),
+            format!(
+                r#"{{"id":"{ID}","type":"track-list",{ts},"tenant_id":7,"data":{{"tenant_id":"{t2}"}}}}"#
+            ),
+            format!(r#"{{"id":"{ID}","type":"track-list",{ts},"source":"  helmsman  "}}"#),
+            format!(
+                r#"{{"id":"{ID}","type":"track-list",{ts},"source":"  h\u00e9  ","data":null}}"#
+            ),
+            // Escaped keys name the same fields.
+            format!(
+                r#"{{"\u0069d":"{ID}","typ\u0065":"track-list",{ts},"d\u0061ta":{{"\u006b":"v\"w"}}}}"#
+            ),
+            // What `Value` refuses anywhere in the record, the decoder refuses too.
+            format!(r#"{{"id":"{ID}","type":"track-list",{ts},"extra":"\ud800"}}"#),
+            format!(r#"{{"id":"{ID}","type":"track-list",{ts},"extra":[1,{{"a":1e999}}]}}"#),
+            format!(r#"{{"id":"{ID}","type":"track-list",{ts},"extra":{{"deep":[[[["ok"]]]]}}}}"#),
+            format!(r#"{{"id":"{ID}","type":"track-list",{ts}}} "#),
+            format!(r#"{{"id":"{ID}","type":"track-list",{ts}}}x"#),
+            "\"just a string\"".to_owned(),
+            "12.5".to_owned(),
+            "true".to_owned(),
+            "[{\"id\":1}]".to_owned(),
+        ];
+        for json in &odd {
+            for header in [
+                None,
+                Some(&b" "[..]),
+                Some(t2.as_bytes()),
+                Some(&b"\xffbad"[..]),
+            ] {
+                same_as_reference(json.as_bytes(), header);
+            }
+        }
+        let mut invalid_utf8 = odd[0].clone().into_bytes();
+        invalid_utf8.splice(2..2, *b"\"k\":\"\xff\",");
+        same_as_reference(&invalid_utf8, None);
+        // Every prefix of some events, and each byte replaced by a few that break structure.
+        for value in &samples {
+            let bytes = value.as_bytes();
+            for end in 0..bytes.len() {
+                same_as_reference(&bytes[..end], None);
+            }
+            for at in 0..bytes.len() {
+                for b in [b'"', b'\\', b'{', b']', b',', b':', b' ', b'0', 0xff, 0x01] {
+                    let mut v = bytes.to_vec();
+                    v[at] = b;
+                    same_as_reference(&v, None);
+                }
+            }
+        }
     }
 }

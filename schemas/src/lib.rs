@@ -1,10 +1,12 @@
 //! FrameWorks event and row types, ClickHouse DDL and PostgreSQL migrations.
 
 pub mod cluster;
+pub mod data;
 pub mod event;
 pub mod rows;
 pub mod sample;
 
+pub use data::{Data, Field};
 pub use event::{DEFAULT_TENANT, DecodeError, Event, EventType};
 pub use rows::TableRow;
 

@@ -1,0 +1,403 @@
+//! The JSON pieces of an event, read without building a `serde_json::Value` tree for the whole
+//! record: `data`'s fields sorted by key (strings borrowed from the record when they hold no
+//! escapes), envelope strings, and values skipped while still checked as JSON.
+//!
+//! Every type here accepts and rejects exactly what `serde_json::Value` does, so decoding
+//! through them cannot change which records are dead letters (tested against `Value` in
+//! `event.rs`).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+/// One `data` field: a string, or any other JSON value (numbers, booleans, null, objects,
+/// arrays) as `serde_json` parses it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field<'a> {
+    /// A JSON string.
+    Str(Cow<'a, str>),
+    /// Anything else.
+    Json(Value),
+}
+
+impl Field<'_> {
+    /// The field as JSON text, as `serde_json` writes it.
+    pub fn to_json(&self) -> String {
+        match self {
+            Field::Str(s) => Value::from(s.as_ref()).to_string(),
+            Field::Json(v) => v.to_string(),
+        }
+    }
+
+    /// The string, if the field is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Field::Str(s) => Some(s),
+            Field::Json(_) => None,
+        }
+    }
+
+    /// Whether the field is JSON `null`.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Field::Json(Value::Null))
+    }
+
+    fn into_owned(self) -> Field<'static> {
+        match self {
+            Field::Str(s) => Field::Str(Cow::Owned(s.into_owned())),
+            Field::Json(v) => Field::Json(v),
+        }
+    }
+}
+
+/// The `data` object: its fields in the record's order. Where a key repeats, the last
+/// one counts, as in `serde_json::Map`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Data<'a> {
+    fields: Vec<(Cow<'a, str>, Field<'a>)>,
+}
+
+impl<'a> Data<'a> {
+    /// The field named `key`.
+    pub fn get(&self, key: &str) -> Option<&Field<'a>> {
+        // Events carry a dozen fields at most: a scan comparing lengths first touches the
+        // bytes of few keys. From the back, so the last of duplicates wins.
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k.len() == key.len() && k.as_bytes() == key.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    /// The object as JSON text, keys sorted and duplicates dropped: what `serde_json`
+    /// writes for the same object parsed into a `Map`.
+    pub fn to_json(&self) -> String {
+        let mut fields: Vec<&(Cow<'a, str>, Field<'a>)> = self.fields.iter().rev().collect();
+        // Reversed, a stable sort puts the last of a key's duplicates first among its
+        // equals, and `dedup_by` keeps the first of each run.
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        fields.dedup_by(|a, b| a.0 == b.0);
+        let mut out = Vec::with_capacity(2 + fields.len() * 32);
+        out.push(b'{');
+        for (i, (key, field)) in fields.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            // Writing into a Vec cannot fail, and strings and parsed values always serialise.
+            let _ = serde_json::to_writer(&mut out, key.as_ref());
+            out.push(b':');
+            let _ = match field {
+                Field::Str(s) => serde_json::to_writer(&mut out, s.as_ref()),
+                Field::Json(v) => serde_json::to_writer(&mut out, v),
+            };
+        }
+        out.push(b'}');
+        String::from_utf8(out).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// The same fields, owning their strings.
+    pub fn into_owned(self) -> Data<'static> {
+        Data {
+            fields: self
+                .fields
+                .into_iter()
+                .map(|(k, v)| (Cow::Owned(k.into_owned()), v.into_owned()))
+                .collect(),
+        }
+    }
+}
+
+impl<'de> ReadMap<'de> for Data<'de> {
+    fn read_map<A: MapAccess<'de>>(mut map: A) -> Result<Data<'de>, A::Error> {
+        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+        while let Some(CowStr(key)) = map.next_key()? {
+            fields.push((key, map.next_value()?));
+        }
+        Ok(Data { fields })
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = Field<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Owned(v)))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Field<'de>, E> {
+                Ok(Field::Json(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Field<'de>, E> {
+                Ok(Field::Json(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
+                Ok(Field::Json(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Field<'de>, E> {
+                Ok(Field::Json(Value::from(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+                Ok(Field::Json(Value::Null))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Field<'de>, A::Error> {
+                Value::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Field::Json)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field<'de>, A::Error> {
+                Value::deserialize(de::value::MapAccessDeserializer::new(map)).map(Field::Json)
+            }
+        }
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+/// Reads an object from its entries.
+pub(crate) trait ReadMap<'de>: Sized {
+    /// Reads the entries.
+    fn read_map<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+}
+
+/// A value that should be an object: the object, `null`, or the JSON kind of what it was
+/// instead (read and checked all the same).
+pub(crate) enum Shape<T> {
+    Object(T),
+    Null,
+    Other(&'static str),
+}
+
+impl<'de, T: ReadMap<'de>> Deserialize<'de> for Shape<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ShapeVisitor<T>(PhantomData<T>);
+        impl<'de, T: ReadMap<'de>> Visitor<'de> for ShapeVisitor<T> {
+            type Value = Shape<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shape<T>, A::Error> {
+                T::read_map(map).map(Shape::Object)
+            }
+            fn visit_unit<E>(self) -> Result<Shape<T>, E> {
+                Ok(Shape::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Shape<T>, A::Error> {
+                Kind.visit_seq(seq).map(Shape::other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Shape<T>, E> {
+                Ok(Shape::Other("string"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Shape<T>, E> {
+                Ok(Shape::Other("boolean"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Shape<T>, E> {
+                Ok(Shape::Other("number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Shape<T>, E> {
+                Ok(Shape::Other("number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Shape<T>, E> {
+                Ok(Shape::Other("number"))
+            }
+        }
+        d.deserialize_any(ShapeVisitor(PhantomData))
+    }
+}
+
+impl<T> Shape<T> {
+    fn other(read: Read<'_>) -> Self {
+        match read {
+            Read::Str(_) => Shape::Other("string"),
+            Read::Other(kind) => Shape::Other(kind),
+        }
+    }
+}
+
+/// A JSON string, borrowed when it holds no escapes; any other value is `None` (read and
+/// checked, then dropped). The envelope's fields count only as strings.
+pub(crate) struct MaybeStr<'a>(pub(crate) Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for MaybeStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Kind)
+            .map(|v| MaybeStr(if let Read::Str(s) = v { Some(s) } else { None }))
+    }
+}
+
+/// A map key, borrowed when it holds no escapes.
+pub(crate) struct CowStr<'a>(pub(crate) Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for CowStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<CowStr<'de>, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<CowStr<'de>, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<CowStr<'de>, E> {
+                Ok(CowStr(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Any JSON value, read and checked as `serde_json::Value` would be (strings unescaped and
+/// their UTF-8 checked, numbers in range, nesting limited), then dropped. Unlike
+/// `serde::de::IgnoredAny`, which `serde_json` skips without these checks.
+pub(crate) struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Kind).map(|_| Checked)
+    }
+}
+
+/// What a value read by [`Kind`] was: a string (kept), or the JSON kind of anything else.
+pub(crate) enum Read<'a> {
+    Str(Cow<'a, str>),
+    Other(&'static str),
+}
+
+/// Reads any value, keeping strings and naming the kind of the rest.
+pub(crate) struct Kind;
+
+impl<'de> Visitor<'de> for Kind {
+    type Value = Read<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Read<'de>, E> {
+        Ok(Read::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Read<'de>, E> {
+        Ok(Read::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Read<'de>, E> {
+        Ok(Read::Str(Cow::Owned(v)))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Read<'de>, E> {
+        Ok(Read::Other("boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Read<'de>, E> {
+        Ok(Read::Other("number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Read<'de>, E> {
+        Ok(Read::Other("number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Read<'de>, E> {
+        Ok(Read::Other("number"))
+    }
+    fn visit_unit<E>(self) -> Result<Read<'de>, E> {
+        Ok(Read::Other("null"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Read<'de>, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Read::Other("array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Read<'de>, A::Error> {
+        while map.next_entry::<CowStr, Checked>()?.is_some() {}
+        Ok(Read::Other("object"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+
+    fn data(json: &str) -> Data<'_> {
+        match serde_json::from_str::<Shape<Data>>(json).expect(json) {
+            Shape::Object(data) => data,
+            _ => panic!("{json} is not an object"),
+        }
+    }
+
+    /// `Data` agrees with `serde_json::Map` on every input: fields, duplicates, text.
+    #[test]
+    fn data_reads_and_writes_as_serde_json_map_does() {
+        let cases = [
+            r#"{}"#,
+            r#"{"b":"2","a":"1"}"#,
+            r#"{"a":"first","b":1,"a":"last"}"#,
+            r#"{"a":1,"a":{"x":[1,2.5,-0,1e3,"s"]},"a":null}"#,
+            r#"{"esc\"aped":"tab\there","uni":"caf\u00e9 \ud83d\ude00","slash":"a\/b"}"#,
+            r#"{"n":12345678901234567890,"m":-9223372036854775808,"f":1.50,"e":2E-3}"#,
+            r#"{"t":true,"f":false,"z":null,"arr":[],"obj":{"b":1,"a":2}}"#,
+            r#"{ "spaced" : "  x  " , "é":"ü" }"#,
+        ];
+        for json in cases {
+            let data = data(json);
+            let map: Map<String, Value> = serde_json::from_str(json).expect(json);
+            assert_eq!(
+                data.to_json(),
+                serde_json::to_string(&map).unwrap(),
+                "{json}"
+            );
+            for (k, v) in &map {
+                let field = data.get(k).expect(k);
+                match v {
+                    Value::String(s) => assert_eq!(field.as_str(), Some(s.as_str()), "{json}"),
+                    other => assert_eq!(field, &Field::Json(other.clone()), "{json}"),
+                }
+                assert_eq!(field.to_json(), v.to_string(), "{json}");
+            }
+            assert_eq!(data.clone().into_owned(), data);
+        }
+    }
+
+    #[test]
+    fn strings_without_escapes_are_borrowed() {
+        let data = data(r#"{"plain":"abc","esc":"a\nb"}"#);
+        assert!(matches!(
+            data.get("plain"),
+            Some(Field::Str(Cow::Borrowed("abc")))
+        ));
+        assert!(matches!(data.get("esc"), Some(Field::Str(Cow::Owned(s))) if s == "a\nb"));
+        assert_eq!(data.get("missing"), None);
+    }
+
+    /// `Checked` refuses what `Value` refuses, and accepts what it accepts.
+    #[test]
+    fn checked_values_fail_where_value_fails() {
+        let cases: [&[u8]; 9] = [
+            br#"[1,"a",{"k":[true,null]}]"#,
+            br#""lone \ud800 surrogate""#,
+            b"\"bad utf8 \xff\"",
+            br#"1e400"#,
+            br#"{"a":1,}"#,
+            br#"[01]"#,
+            br#""bad \x escape""#,
+            br#"{"a" 1}"#,
+            br#"-"#,
+        ];
+        for json in cases {
+            assert_eq!(
+                serde_json::from_slice::<Checked>(json).is_ok(),
+                serde_json::from_slice::<Value>(json).is_ok(),
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+        }
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert!(serde_json::from_str::<Checked>(&deep).is_err());
+        assert!(serde_json::from_str::<Value>(&deep).is_err());
+    }
+}
