@@ -62,53 +62,48 @@ pub async fn check_tables(client: &clickhouse::Client) -> Result<(), SinkError> 
 }
 
 /// A client of the configured ClickHouse server, on its default database: URL, credentials
-/// and TLS (`https://` verifies against the system's roots, or `clickhouse.ca_file`).
+/// and TLS (`https://` verifies against the system's roots, and `clickhouse.ca_file`'s), with
+/// TCP_NODELAY on its connections (see `sluice_sinks::connect`).
 pub fn clickhouse_server(
     config: &Config,
 ) -> Result<clickhouse::Client, crate::config::ConfigError> {
-    let client = match &config.clickhouse.ca_file {
-        None => clickhouse::Client::default(),
-        Some(path) => https_client(path)?,
-    };
     let compression = match config.clickhouse.compression {
         crate::config::InsertCompression::Lz4 => clickhouse::Compression::Lz4,
         crate::config::InsertCompression::None => clickhouse::Compression::None,
     };
-    Ok(client
-        .with_url(config.clickhouse.url()?)
-        .with_user(&config.clickhouse.user)
-        .with_password(config.clickhouse.password.expose())
-        .with_compression(compression))
+    Ok(
+        sluice_sinks::connect(tls(config.clickhouse.ca_file.as_deref())?)
+            .with_url(config.clickhouse.url()?)
+            .with_user(&config.clickhouse.user)
+            .with_password(config.clickhouse.password.expose())
+            .with_compression(compression),
+    )
 }
 
-/// A ClickHouse client whose HTTP(S) connections trust the CA certificates (PEM) in `path`
-/// besides the system's.
-fn https_client(path: &std::path::Path) -> Result<clickhouse::Client, crate::config::ConfigError> {
-    let bad = |message: String| crate::config::invalid("clickhouse.ca_file", message);
-    let pem =
-        std::fs::read(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
-    let certs = native_tls::Certificate::stack_from_pem(&pem)
-        .map_err(|e| bad(format!("{} holds no PEM certificate: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(bad(format!("{} holds no PEM certificate", path.display())));
-    }
+/// TLS that trusts the system's roots and the CA certificates (PEM) in `ca_file`, if any.
+fn tls(
+    ca_file: Option<&std::path::Path>,
+) -> Result<native_tls::TlsConnector, crate::config::ConfigError> {
+    let key = match ca_file {
+        Some(_) => "clickhouse.ca_file",
+        None => "clickhouse.url",
+    };
+    let bad = |message: String| crate::config::invalid(key, message);
     let mut tls = native_tls::TlsConnector::builder();
-    for cert in certs {
-        tls.add_root_certificate(cert);
+    if let Some(path) = ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        let certs = native_tls::Certificate::stack_from_pem(&pem)
+            .map_err(|e| bad(format!("{} holds no PEM certificate: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(bad(format!("{} holds no PEM certificate", path.display())));
+        }
+        for cert in certs {
+            tls.add_root_certificate(cert);
+        }
     }
-    let tls = tls
-        .build()
-        .map_err(|e| bad(format!("cannot set up TLS: {e}")))?;
-    // As the crate's own client: TCP keepalive, plain http:// allowed too, short idle pool.
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    http.enforce_http(false);
-    let https = hyper_tls::HttpsConnector::from((http, tls.into()));
-    Ok(clickhouse::Client::with_http_client(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(2))
-            .build(https),
-    ))
+    tls.build()
+        .map_err(|e| bad(format!("cannot set up TLS: {e}")))
 }
 
 /// The ClickHouse client of the configuration, on the configured database.

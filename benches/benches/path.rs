@@ -42,7 +42,7 @@ fn path(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let addr = rt.block_on(discarding_server());
-    let client = clickhouse::Client::default()
+    let client = sluice_sinks::connect(native_tls::TlsConnector::new().expect("TLS"))
         .with_url(format!("http://{addr}"))
         .with_validation(false);
 
@@ -67,6 +67,13 @@ fn path(c: &mut Criterion) {
     });
     group.bench_function("encode", |b| {
         b.iter(|| rt.block_on(rows.insert(&client)).expect("insert"))
+    });
+    // `clickhouse.compression = "none"`, for a ClickHouse on the same host.
+    let uncompressed = client
+        .clone()
+        .with_compression(clickhouse::Compression::None);
+    group.bench_function("encode_uncompressed", |b| {
+        b.iter(|| rt.block_on(rows.insert(&uncompressed)).expect("insert"))
     });
     group.bench_function("decode_route_encode", |b| {
         b.iter(|| {

@@ -4,6 +4,6 @@ pub mod clickhouse;
 pub mod reducer;
 
 pub use crate::clickhouse::{
-    ClickHouseSink, ClickHouseSpanLog, SPAN_LOG_TABLE, batch_token, classify, dedup_token,
+    ClickHouseSink, ClickHouseSpanLog, SPAN_LOG_TABLE, batch_token, classify, connect, dedup_token,
 };
 pub use crate::reducer::{Reducer, ReducerSink, classify_pg, coalesce};
