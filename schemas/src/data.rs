@@ -1,6 +1,6 @@
 //! The JSON pieces of an event, read without building a `serde_json::Value` tree for the whole
-//! record: `data`'s fields sorted by key (strings borrowed from the record when they hold no
-//! escapes), envelope strings, and values skipped while still checked as JSON.
+//! record: `data`'s fields (strings borrowed from the record when they hold no escapes),
+//! envelope strings, and values skipped while still checked as JSON.
 //!
 //! Every type here accepts and rejects exactly what `serde_json::Value` does, so decoding
 //! through them cannot change which records are dead letters (tested against `Value` in
@@ -169,68 +169,105 @@ pub(crate) trait ReadMap<'de>: Sized {
     fn read_map<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
 }
 
-/// A value that should be an object: the object, `null`, or the JSON kind of what it was
-/// instead (read and checked all the same).
-pub(crate) enum Shape<T> {
+/// Any JSON value, read in one pass and checked as `serde_json::Value` would check it
+/// (strings unescaped and their UTF-8 checked, numbers in range, nesting limited): a string
+/// (borrowed when it holds no escapes), an object read by `T`, `null`, or the JSON kind of
+/// anything else (dropped once checked).
+pub(crate) enum Json<'a, T> {
+    Str(Cow<'a, str>),
     Object(T),
     Null,
     Other(&'static str),
 }
 
-impl<'de, T: ReadMap<'de>> Deserialize<'de> for Shape<T> {
+impl<'de, T: ReadMap<'de>> Deserialize<'de> for Json<'de, T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ShapeVisitor<T>(PhantomData<T>);
-        impl<'de, T: ReadMap<'de>> Visitor<'de> for ShapeVisitor<T> {
-            type Value = Shape<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shape<T>, A::Error> {
-                T::read_map(map).map(Shape::Object)
-            }
-            fn visit_unit<E>(self) -> Result<Shape<T>, E> {
-                Ok(Shape::Null)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Shape<T>, A::Error> {
-                Kind.visit_seq(seq).map(Shape::other)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Shape<T>, E> {
-                Ok(Shape::Other("string"))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Shape<T>, E> {
-                Ok(Shape::Other("boolean"))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Shape<T>, E> {
-                Ok(Shape::Other("number"))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Shape<T>, E> {
-                Ok(Shape::Other("number"))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Shape<T>, E> {
-                Ok(Shape::Other("number"))
-            }
-        }
-        d.deserialize_any(ShapeVisitor(PhantomData))
+        d.deserialize_any(JsonVisitor(PhantomData))
     }
 }
 
-impl<T> Shape<T> {
-    fn other(read: Read<'_>) -> Self {
-        match read {
-            Read::Str(_) => Shape::Other("string"),
-            Read::Other(kind) => Shape::Other(kind),
+struct JsonVisitor<T>(PhantomData<T>);
+
+impl<'de, T: ReadMap<'de>> Visitor<'de> for JsonVisitor<T> {
+    type Value = Json<'de, T>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Json::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Json::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Json::Str(Cow::Owned(v)))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Json::Other("boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Json::Other("number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Json::Other("number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Json::Other("number"))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Json::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Json::Other("array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::read_map(map).map(Json::Object)
+    }
+}
+
+impl<T> Json<'_, T> {
+    /// The JSON kind of a value that is not an object.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Json::Str(_) => "string",
+            Json::Object(_) => "object",
+            Json::Null => "null",
+            Json::Other(kind) => kind,
         }
     }
 }
 
-/// A JSON string, borrowed when it holds no escapes; any other value is `None` (read and
-/// checked, then dropped). The envelope's fields count only as strings.
+/// An object's entries, checked and dropped.
+pub(crate) struct Entries;
+
+impl<'de> ReadMap<'de> for Entries {
+    fn read_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<CowStr, Checked>()?.is_some() {}
+        Ok(Entries)
+    }
+}
+
+/// Any JSON value, checked as `serde_json::Value` would check it, then dropped. Unlike
+/// `serde::de::IgnoredAny`, which `serde_json` skips without these checks.
+pub(crate) struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Json::<Entries>::deserialize(d).map(|_| Checked)
+    }
+}
+
+/// A JSON string; any other value is `None` (checked, then dropped). The envelope's fields
+/// count only as strings.
 pub(crate) struct MaybeStr<'a>(pub(crate) Option<Cow<'a, str>>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for MaybeStr<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Kind)
-            .map(|v| MaybeStr(if let Read::Str(s) = v { Some(s) } else { None }))
+        Json::<Entries>::deserialize(d).map(|v| match v {
+            Json::Str(s) => MaybeStr(Some(s)),
+            _ => MaybeStr(None),
+        })
     }
 }
 
@@ -239,82 +276,13 @@ pub(crate) struct CowStr<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for CowStr<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = CowStr<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<CowStr<'de>, E> {
-                Ok(CowStr(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<CowStr<'de>, E> {
-                Ok(CowStr(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<CowStr<'de>, E> {
-                Ok(CowStr(Cow::Owned(v)))
-            }
+        match d.deserialize_str(JsonVisitor::<Entries>(PhantomData))? {
+            Json::Str(s) => Ok(CowStr(s)),
+            other => Err(de::Error::custom(format!(
+                "a key is a JSON {}, not a string",
+                other.kind()
+            ))),
         }
-        d.deserialize_str(KeyVisitor)
-    }
-}
-
-/// Any JSON value, read and checked as `serde_json::Value` would be (strings unescaped and
-/// their UTF-8 checked, numbers in range, nesting limited), then dropped. Unlike
-/// `serde::de::IgnoredAny`, which `serde_json` skips without these checks.
-pub(crate) struct Checked;
-
-impl<'de> Deserialize<'de> for Checked {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Kind).map(|_| Checked)
-    }
-}
-
-/// What a value read by [`Kind`] was: a string (kept), or the JSON kind of anything else.
-pub(crate) enum Read<'a> {
-    Str(Cow<'a, str>),
-    Other(&'static str),
-}
-
-/// Reads any value, keeping strings and naming the kind of the rest.
-pub(crate) struct Kind;
-
-impl<'de> Visitor<'de> for Kind {
-    type Value = Read<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Read<'de>, E> {
-        Ok(Read::Str(Cow::Borrowed(v)))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Read<'de>, E> {
-        Ok(Read::Str(Cow::Owned(v.to_owned())))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Read<'de>, E> {
-        Ok(Read::Str(Cow::Owned(v)))
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Read<'de>, E> {
-        Ok(Read::Other("boolean"))
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Read<'de>, E> {
-        Ok(Read::Other("number"))
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Read<'de>, E> {
-        Ok(Read::Other("number"))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Read<'de>, E> {
-        Ok(Read::Other("number"))
-    }
-    fn visit_unit<E>(self) -> Result<Read<'de>, E> {
-        Ok(Read::Other("null"))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Read<'de>, A::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
-        Ok(Read::Other("array"))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Read<'de>, A::Error> {
-        while map.next_entry::<CowStr, Checked>()?.is_some() {}
-        Ok(Read::Other("object"))
     }
 }
 
@@ -324,8 +292,8 @@ mod tests {
     use serde_json::Map;
 
     fn data(json: &str) -> Data<'_> {
-        match serde_json::from_str::<Shape<Data>>(json).expect(json) {
-            Shape::Object(data) => data,
+        match serde_json::from_str::<Json<Data>>(json).expect(json) {
+            Json::Object(data) => data,
             _ => panic!("{json} is not an object"),
         }
     }

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use crate::data::{Checked, CowStr, Data, Field, MaybeStr, ReadMap, Shape};
+use crate::data::{Checked, CowStr, Data, Field, Json, MaybeStr, ReadMap};
 
 /// The tenant of events that name none.
 pub const DEFAULT_TENANT: Uuid = Uuid::from_u128(1);
@@ -145,12 +145,12 @@ struct Envelope<'a> {
     timestamp: Option<Cow<'a, str>>,
     source: Option<Cow<'a, str>>,
     tenant_id: Option<Cow<'a, str>>,
-    data: Option<Shape<Data<'a>>>,
+    data: Option<Json<'a, Data<'a>>>,
 }
 
-impl<'de> ReadMap<'de> for Box<Envelope<'de>> {
+impl<'de> ReadMap<'de> for Envelope<'de> {
     fn read_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut env = Box::new(Envelope::default());
+        let mut env = Envelope::default();
         while let Some(CowStr(key)) = map.next_key()? {
             let slot = match key.as_ref() {
                 "id" => &mut env.id,
@@ -193,15 +193,14 @@ impl<'a> Event<'a> {
         }
         // One UTF-8 check of the whole value is cheaper than serde_json's check of every
         // string; a value that fails it is parsed from bytes for serde_json's own error.
-        let root: Shape<Box<Envelope<'a>>> = match std::str::from_utf8(value) {
+        let root: Json<'a, Envelope<'a>> = match std::str::from_utf8(value) {
             Ok(text) => serde_json::from_str(text),
             Err(_) => serde_json::from_slice(value),
         }
         .map_err(|e| DecodeError::Json(e.to_string()))?;
         let env = match root {
-            Shape::Object(env) => env,
-            Shape::Null => return Err(DecodeError::NotObject("null")),
-            Shape::Other(kind) => return Err(DecodeError::NotObject(kind)),
+            Json::Object(env) => env,
+            other => return Err(DecodeError::NotObject(other.kind())),
         };
         let id_str = non_empty(env.id.as_deref())
             .or(non_empty(env.event_id.as_deref()))
@@ -219,18 +218,16 @@ impl<'a> Event<'a> {
             non_empty(env.timestamp.as_deref()).ok_or(DecodeError::Missing("timestamp"))?;
         let timestamp = parse_timestamp(ts_str)?;
         let data = match env.data {
-            None | Some(Shape::Null) => Data::default(),
-            Some(Shape::Object(data)) => data,
-            Some(Shape::Other(kind)) => {
+            None | Some(Json::Null) => Data::default(),
+            Some(Json::Object(data)) => data,
+            Some(other) => {
                 return Err(DecodeError::Invalid {
                     field: "data",
-                    reason: format!("is a JSON {kind}, not an object"),
+                    reason: format!("is a JSON {}, not an object", other.kind()),
                 });
             }
         };
-        let header = header_tenant.map(|h| {
-            std::str::from_utf8(h).map_or_else(|_| String::from_utf8_lossy(h), Cow::Borrowed)
-        });
+        let header = header_tenant.map(String::from_utf8_lossy);
         let tenant_str = non_empty(header.as_deref())
             .or(non_empty(env.tenant_id.as_deref()))
             .or(non_empty(data.get("tenant_id").and_then(Field::as_str)));
