@@ -347,6 +347,7 @@ pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<Report> {
             progress: false,
             key_by_stream: false,
             until: None,
+            republish_permille: 0,
         },
     )
     .await?;

@@ -33,6 +33,9 @@ pub struct Options {
     pub key_by_stream: bool,
     /// End of the hour the events span, Unix seconds (default: now).
     pub until: Option<i64>,
+    /// Events in a thousand published a second time, later (see
+    /// [`sluice_schemas::sample::republished`]).
+    pub republish_permille: u32,
 }
 
 /// Counts the events the broker did not take, so that `generate` fails rather than report
@@ -58,7 +61,8 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// Produces the events into Kafka; returns how many were sent.
+/// Produces the events into Kafka; returns how many records were sent (republished copies
+/// included).
 pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<u64> {
     let topic = opts
         .topic
@@ -91,23 +95,31 @@ fn produce(
         .until(opts.until);
     let started = Instant::now();
     let mut last_report = Instant::now();
+    // Copies to publish again, by the event they follow.
+    let mut repeats: std::collections::HashMap<u64, Vec<u64>> = Default::default();
+    let mut to_repeat = std::collections::HashSet::new();
+    for (event, after) in
+        sluice_schemas::sample::republished(opts.seed, opts.events, opts.republish_permille)
+    {
+        repeats.entry(after).or_default().push(event);
+        to_repeat.insert(event);
+    }
+    let mut held: std::collections::HashMap<u64, (String, String, String)> = Default::default();
+    let mut sent = 0u64;
     for i in 0..opts.events {
-        let (key, value, tenant) = generator.event(i);
-        let headers = rdkafka::message::OwnedHeaders::new()
-            .insert(rdkafka::message::Header {
-                key: "tenant_id",
-                value: Some(tenant.as_bytes()),
-            })
-            .insert(rdkafka::message::Header {
-                key: "source",
-                value: Some("sluice-generate".as_bytes()),
-            });
-        let record = BaseRecord::to(topic)
-            .key(&key)
-            .payload(&value)
-            .headers(headers);
-        sluice_pipeline::kafka::send_waiting(producer, record)
-            .with_context(|| format!("producing event {i}"))?;
+        let event = generator.event(i);
+        if to_repeat.contains(&i) {
+            held.insert(i, event.clone());
+        }
+        let mut copies = vec![event];
+        for e in repeats.remove(&i).unwrap_or_default() {
+            copies.extend(held.remove(&e));
+        }
+        for (key, value, tenant) in &copies {
+            send(producer, topic, key, value, tenant)
+                .with_context(|| format!("producing event {i}"))?;
+            sent += 1;
+        }
         if opts.rate > 0 {
             let due = Duration::from_secs_f64((i + 1) as f64 / opts.rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -142,11 +154,35 @@ fn produce(
     if opts.progress {
         let rate = opts.events as f64 / started.elapsed().as_secs_f64().max(1e-9);
         eprintln!(
-            "\rgenerate: {}/{} events ({rate:.0} events/s), done   ",
+            "\rgenerate: {}/{} events ({rate:.0} events/s), {sent} records, done   ",
             opts.events, opts.events
         );
     }
-    Ok(opts.events)
+    Ok(sent)
+}
+
+/// Sends one event with its `tenant_id` header.
+fn send(
+    producer: &ThreadedProducer<Deliveries>,
+    topic: &str,
+    key: &str,
+    value: &str,
+    tenant: &str,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let headers = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header {
+            key: "tenant_id",
+            value: Some(tenant.as_bytes()),
+        })
+        .insert(rdkafka::message::Header {
+            key: "source",
+            value: Some("sluice-generate".as_bytes()),
+        });
+    let record = BaseRecord::to(topic)
+        .key(key)
+        .payload(value)
+        .headers(headers);
+    sluice_pipeline::kafka::send_waiting(producer, record)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use clickhouse::Client;
 use sluice_operators::route;
 use sluice_pipeline::ack::PartitionLedger;
-use sluice_pipeline::{Batch, Sink, TopicPartition};
+use sluice_pipeline::{Batch, Sink, Span, TopicPartition};
 use sluice_schemas::rows::{StreamEventRow, TrackListRow, ViewerMetricRow};
 use sluice_schemas::{CLICKHOUSE_MIGRATIONS, Event, TableRow, sql_statements};
 use sluice_sinks::ClickHouseSink;
@@ -337,7 +337,11 @@ async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
         .await
         .expect("distinct");
     assert_eq!(distinct, 100, "each row once");
-    assert_eq!(sink.restore_missing(&b).await.expect("check"), 0);
+    let token = sluice_sinks::batch_token("stream_events", &b);
+    assert_eq!(
+        sink.restore_missing(&b.items, &token).await.expect("check"),
+        0
+    );
     assert_eq!(count(&client, "stream_events").await, 100);
     let scratch: u64 = client
         .query("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name LIKE 'sluice_check_%'")
@@ -615,4 +619,118 @@ async fn every_field_form_lands_with_every_column_as_the_contract_says() {
         .await
         .expect("defaults");
     assert_eq!(defaults, (0.0, 0));
+}
+
+/// A span of partition `p` with `items` rows, cut in `batch`.
+fn span(p: i32, first: i64, items: u64, batch: Option<sluice_pipeline::BatchRef>) -> Span {
+    Span {
+        tp: TopicPartition::new("analytics_events", p),
+        first,
+        last: first + items as i64 - 1,
+        items,
+        key: 0,
+        across: true,
+        batch,
+    }
+}
+
+/// A worker crashed after recording the spans of a batch cut across partitions and before
+/// its insert was answered; the table already holds a row equal to one of that batch's (the
+/// same event published twice, at another offset). The replay asks the landings whether the
+/// batch landed: it did not, so every row of its spans is inserted, the equal one too. A
+/// second replay, and a replay of a batch that did land, write nothing.
+#[tokio::test]
+async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_holds_equal_rows() {
+    let client = fresh_database().await;
+    let rows: Vec<StreamEventRow> = (0..12)
+        .map(|i| {
+            match routed(
+                i,
+                "stream-lifecycle",
+                r#"{"internal_name":"s","status":"live"}"#,
+                0,
+            ) {
+                TableRow::StreamEvent(r) => r,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+    let mut sink = ClickHouseSink::<StreamEventRow>::new(client.clone(), "stream_events")
+        .check_range("timestamp");
+    sink.check_schema(&StreamEventRow::default())
+        .await
+        .expect("the table and its landing view");
+
+    // Batch A (partitions 0 and 1) lands; it holds rows 0..6, row 3 among them.
+    let a_spans = [span(0, 0, 4, None), span(1, 0, 2, None)];
+    let a_ref = sluice_pipeline::BatchRef::of(&a_spans, 6);
+    let a_spans: Vec<Span> = a_spans
+        .into_iter()
+        .map(|s| Span {
+            batch: Some(a_ref),
+            ..s
+        })
+        .collect();
+    let a = Batch::unacked(rows[..6].to_vec()).with_spans(a_spans.clone());
+    sink.write(&a).await.expect("batch A");
+    assert_eq!(count(&client, "stream_events").await, 6);
+
+    // Batch B (partitions 0 and 2) was recorded and never answered: it holds a second copy of
+    // row 3 (a producer's retry) and rows 6..12.
+    let mut b_rows = vec![rows[3].clone()];
+    b_rows.extend(rows[6..].iter().cloned());
+    let b_spans = [span(0, 4, 3, None), span(2, 0, 4, None)];
+    let b_ref = sluice_pipeline::BatchRef::of(&b_spans, 7);
+    let b_spans: Vec<Span> = b_spans
+        .into_iter()
+        .map(|s| Span {
+            batch: Some(b_ref),
+            ..s
+        })
+        .collect();
+    let replay = || {
+        Batch::unacked(b_rows.clone())
+            .with_spans(b_spans.clone())
+            .recovered()
+    };
+    sink.write(&replay()).await.expect("replay of B");
+    assert_eq!(count(&client, "stream_events").await, 13, "every row of B");
+    let copies: u64 = client
+        .query("SELECT count() FROM stream_events WHERE event_id = ?")
+        .bind(rows[3].event_id)
+        .fetch_one()
+        .await
+        .expect("copies");
+    assert_eq!(copies, 2, "both records of the event published twice");
+
+    // A crash before the commit replays B again, cut differently (one span per batch).
+    for (span, (from, n)) in b_spans.iter().zip([(0, 3), (3, 4)]) {
+        let again = Batch::unacked(b_rows[from..from + n].to_vec())
+            .with_spans(vec![span.clone()])
+            .recovered();
+        sink.write(&again).await.expect("second replay of B");
+    }
+    assert_eq!(count(&client, "stream_events").await, 13, "B's spans once");
+
+    // A replay of the batch that landed writes nothing.
+    let again = Batch::unacked(rows[..6].to_vec())
+        .with_spans(a_spans)
+        .recovered();
+    sink.write(&again).await.expect("replay of A");
+    assert_eq!(count(&client, "stream_events").await, 13, "A once");
+
+    // A table without its landing view is refused at start, naming the view.
+    client
+        .query("DROP VIEW sluice_landed_stream_events")
+        .execute()
+        .await
+        .expect("drop the view");
+    let err = sink
+        .check_schema(&StreamEventRow::default())
+        .await
+        .expect_err("no landing view");
+    assert!(
+        !err.is_transient() && err.to_string().contains("sluice_landed_stream_events"),
+        "{err}"
+    );
 }

@@ -490,7 +490,7 @@ async fn crash_and_restart(across: bool) {
     // Batches across partitions cannot be cut again: their spans are checked against the
     // tables instead of being inserted with a token.
     assert_eq!(
-        log.contains("wrote the rows the table lacked"),
+        log.contains("wrote the rows of batches that had not landed"),
         across,
         "recovered batches only when batches were cut across partitions: {log}"
     );

@@ -163,6 +163,7 @@ mod tests {
             items: 10,
             key: window,
             across: true,
+            batch: None,
         };
         let (mut a, mut b) = (row.clone(), row.clone());
         w.stamp(&mut a, &span(0, 100));

@@ -90,8 +90,10 @@ impl<T> Batch<T> {
     }
 
     /// The same batch marked as redelivered records whose earlier batch held other records
-    /// too (a batch cut across partitions): an earlier run may have written any of its items,
-    /// under another batch's identity, so a sink writes only the items it lacks.
+    /// too (a batch cut across partitions): an earlier run may have written them, under that
+    /// batch's identity ([`Span::batch`]), so a sink writes each span's items only if that
+    /// batch did not land. Its items are its spans' items in the order of its spans, `items`
+    /// of each ([`Batch::span_items`]).
     pub fn recovered(mut self) -> Self {
         self.recovered = true;
         self
@@ -106,6 +108,19 @@ impl<T> Batch<T> {
     /// its items are exactly those derived from the spans' records.
     pub fn spans(&self) -> &[Span] {
         &self.spans
+    }
+
+    /// Each span with its items, for a batch whose items are its spans' in order (a
+    /// [`Batch::recovered`] one); `None` if the spans' counts do not add up to the items.
+    pub fn span_items(&self) -> Option<Vec<(&Span, &[T])>> {
+        let mut rest = &self.items[..];
+        let mut out = Vec::with_capacity(self.spans.len());
+        for span in &self.spans {
+            let (head, tail) = rest.split_at_checked(usize::try_from(span.items).ok()?)?;
+            out.push((span, head));
+            rest = tail;
+        }
+        rest.is_empty().then_some(out)
     }
 
     /// The acknowledgement shares.

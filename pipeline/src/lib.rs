@@ -56,7 +56,7 @@ pub use lifecycle::{Health, Shutdown, shutdown_on_signals};
 pub use operator::{AsyncOperator, Operator, Sink};
 pub use retry::RetryPolicy;
 pub use sources::BatchSource;
-pub use span::{Sourced, Span, SpanLog};
+pub use span::{BatchRef, Sourced, Span, SpanLog};
 pub use split::{Emit, Port, Split};
 pub use stages::{BatchLimits, Output};
 pub use window::{WindowAggregate, WindowSpec};

@@ -25,6 +25,9 @@ pub const SOURCE_RECORDS: &str = "sluice_source_records_total";
 pub const COMMITTED_OFFSET: &str = "sluice_committed_offset";
 /// High watermark minus committed offset (labels `topic`, `partition`).
 pub const CONSUMER_LAG: &str = "sluice_consumer_lag";
+/// Records that open windows hold back from the offset commit: from the first record of the
+/// oldest open window to the last record seen (labels `stage`, `topic`, `partition`).
+pub const WINDOW_HELD_RECORDS: &str = "sluice_window_held_records";
 /// Whether the source has paused fetching because its output queue is full (0 or 1).
 pub const SOURCE_PAUSED: &str = "sluice_source_paused";
 

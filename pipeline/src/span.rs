@@ -62,6 +62,39 @@ pub struct Span {
     /// The span's batch held other spans too (other partitions', other windows'): a replay
     /// cannot cut that batch again, so its records are written as the rows a sink lacks.
     pub across: bool,
+    /// The batch the span left in, when it left with other spans (set as the batch is cut,
+    /// recorded with the span): a replay asks the sink whether that batch landed.
+    pub batch: Option<BatchRef>,
+}
+
+/// The identity of a batch that held several spans, and how many items it held: what a sink
+/// needs to tell, after a crash, whether that batch was written (see [`Batch::recovered`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BatchRef {
+    /// A hash of every span of the batch (partition, window and offsets).
+    pub id: u128,
+    /// Items (rows) of the whole batch.
+    pub items: u64,
+}
+
+impl BatchRef {
+    /// The reference of a batch of `items` cut from exactly `spans`, whatever their order.
+    pub fn of(spans: &[Span], items: u64) -> Self {
+        let mut keys: Vec<(&str, i32, i64, i64, i64)> = spans
+            .iter()
+            .map(|s| (&*s.tp.topic, s.tp.partition, s.key, s.first, s.last))
+            .collect();
+        keys.sort_unstable();
+        let mut text = String::new();
+        for (topic, partition, key, first, last) in keys {
+            use std::fmt::Write;
+            let _ = write!(text, "{topic}:{partition}:{key}:{first}-{last},");
+        }
+        Self {
+            id: twox_hash::XxHash3_128::oneshot(text.as_bytes()),
+            items,
+        }
+    }
 }
 
 /// Where a span batcher records its cuts (before the batches are written) and finds them
@@ -249,9 +282,16 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
     /// other such spans) as a [`Batch::recovered`] batch, written as the rows the sink lacks;
     /// a tail is dropped, because redelivery that starts inside a span means its batch was
     /// acknowledged, so written.
-    pub(crate) async fn emit(&self, cuts: Vec<Cut<T>>, across: bool) -> Result<(), PipelineError> {
+    pub(crate) async fn emit(
+        &self,
+        mut cuts: Vec<Cut<T>>,
+        across: bool,
+    ) -> Result<(), PipelineError> {
         if cuts.is_empty() {
             return Ok(());
+        }
+        if across {
+            name_the_batch(&mut cuts);
         }
         let fresh: Vec<Span> = cuts
             .iter()
@@ -323,6 +363,24 @@ impl<T> Cuts<T> {
     }
 }
 
+/// Marks the fresh cuts, which leave together as one batch, with that batch's reference, so
+/// that it is recorded with each of their spans.
+fn name_the_batch<T>(cuts: &mut [Cut<T>]) {
+    let spans: Vec<Span> = cuts
+        .iter()
+        .filter(|c| !c.replay)
+        .map(|c| c.span.clone())
+        .collect();
+    if spans.is_empty() {
+        return;
+    }
+    let rows = cuts.iter().filter(|c| !c.replay).map(|c| c.rows.len());
+    let batch = BatchRef::of(&spans, rows.sum::<usize>() as u64);
+    for cut in cuts.iter_mut().filter(|c| !c.replay) {
+        cut.span.batch = Some(batch);
+    }
+}
+
 /// The batches that carry `cuts` (see [`SpanIo::emit`]).
 pub(crate) fn batches<T>(cuts: Vec<Cut<T>>, across: bool) -> Vec<Batch<T>> {
     let mut out = Vec::new();
@@ -367,7 +425,10 @@ impl<T> Default for Merged<T> {
 }
 
 impl<T> Merged<T> {
-    fn add(&mut self, cut: Cut<T>) {
+    /// Appends the cut's rows after those held: the batch's rows are its spans' rows in the
+    /// order of its spans, `span.items` of each (see [`Batch::span_rows`]).
+    fn add(&mut self, mut cut: Cut<T>) {
+        cut.span.items = cut.rows.len() as u64;
         if self.rows.is_empty() {
             self.rows = cut.rows;
         } else {
@@ -759,6 +820,7 @@ fn take<T>(
                 items,
                 key: 0,
                 across,
+                batch: None,
             },
             false,
             false,
@@ -956,35 +1018,55 @@ mod tests {
         }
     }
 
-    /// A table as ClickHouse keeps one: a batch lands once per token; a recovered batch
-    /// lands as the items it lacks.
+    /// What a sink's landings know: the tokens rows landed under.
+    #[derive(Hash, PartialEq, Eq)]
+    enum Token {
+        /// A batch of one span, or of several without a reference.
+        Spans(Vec<(i32, i64, i64, i64)>),
+        /// A batch that held several spans.
+        Batch(u128),
+        /// One span of a batch that did not land, written alone.
+        Recovery(u128, i32, i64, i64, i64),
+    }
+
+    /// A table as `ClickHouseSink` keeps one: a batch lands once per token; a recovered batch
+    /// lands the spans whose batch did not land, once each, whatever the items are.
     #[derive(Default)]
     struct Table {
-        tokens: std::collections::HashSet<Vec<(i32, i64, i64, i64)>>,
-        rows: std::collections::HashSet<u32>,
+        landed: std::collections::HashSet<Token>,
         written: Vec<u32>,
     }
 
     impl Table {
         fn write(&mut self, batch: Batch<u32>) {
             if batch.is_recovered() {
-                for &id in &batch.items {
-                    if self.rows.insert(id) {
-                        self.written.push(id);
+                let parts = batch
+                    .span_items()
+                    .expect("a recovered batch holds its spans' rows");
+                for (s, rows) in parts {
+                    let b = s
+                        .batch
+                        .expect("a span cut across partitions names its batch");
+                    let again = Token::Recovery(b.id, s.tp.partition, s.key, s.first, s.last);
+                    if !self.landed.contains(&Token::Batch(b.id)) && self.landed.insert(again) {
+                        self.written.extend(rows);
                     }
                 }
             } else {
-                let mut token: Vec<_> = batch
-                    .spans()
-                    .iter()
-                    .map(|s| (s.tp.partition, s.key, s.first, s.last))
-                    .collect();
-                token.sort_unstable();
-                if self.tokens.insert(token) {
-                    for &id in &batch.items {
-                        self.rows.insert(id);
-                        self.written.push(id);
+                let token = match batch.spans().first().and_then(|s| s.batch) {
+                    Some(b) => Token::Batch(b.id),
+                    None => {
+                        let mut spans: Vec<_> = batch
+                            .spans()
+                            .iter()
+                            .map(|s| (s.tp.partition, s.key, s.first, s.last))
+                            .collect();
+                        spans.sort_unstable();
+                        Token::Spans(spans)
                     }
+                };
+                if self.landed.insert(token) {
+                    self.written.extend(&batch.items);
                 }
             }
             batch.ack();
@@ -993,7 +1075,8 @@ mod tests {
 
     /// Several partitions' records, cut (across partitions or not) and logged, written or not
     /// until a crash; then redelivered from a committed offset per partition and cut in the
-    /// same or the other mode, to the end: every item lands exactly once.
+    /// same or the other mode, to the end: every item lands exactly once. Partitions hold
+    /// equal items (the same event published to each), which must all land.
     #[test]
     fn redelivered_records_land_once_when_batches_were_cut_across_partitions() {
         const PARTS: i32 = 3;
@@ -1005,7 +1088,7 @@ mod tests {
                     .map(|p| {
                         records(20 + rng.next(50) as usize, &mut rng)
                             .into_iter()
-                            .map(|(o, id)| (o, p as u32 * 10_000 + id))
+                            .map(|(o, id)| (o, id + p as u32 % 2))
                             .collect()
                     })
                     .collect();
@@ -1013,11 +1096,14 @@ mod tests {
                 let mut table = Table::default();
                 // Emits cuts as the batcher does: fresh spans logged, then each batch written
                 // unless `lose` says the crash came first.
-                let emit = |cuts: Vec<Cut<u32>>,
+                let emit = |mut cuts: Vec<Cut<u32>>,
                             across: bool,
                             log: &mut Vec<Span>,
                             table: &mut Table,
                             lose: &mut dyn FnMut() -> bool| {
+                    if across {
+                        name_the_batch(&mut cuts);
+                    }
                     log.extend(cuts.iter().filter(|c| !c.replay).map(|c| c.span.clone()));
                     for batch in batches(cuts, across) {
                         if !lose() {
@@ -1185,6 +1271,7 @@ mod tests {
             items: 10,
             key: 0,
             across: false,
+            batch: None,
         };
         let mut state = State::new(false);
         let mut plans = Some(VecDeque::from([plan]));
@@ -1217,6 +1304,7 @@ mod tests {
             items: 1,
             key: 0,
             across: false,
+            batch: None,
         };
         let plan = replay_plan(vec![s(10, 19), s(0, 9), s(5, 14), s(10, 19), s(20, 20)]);
         let got: Vec<(i64, i64)> = plan.iter().map(|p| (p.first, p.last)).collect();

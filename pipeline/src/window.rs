@@ -107,6 +107,8 @@ struct Part<K, A> {
     assignment: u64,
     /// Latest event time seen.
     max_time: i64,
+    /// Highest offset seen.
+    seen: i64,
     panes: BTreeMap<i64, Pane<K, A>>,
     /// Recorded spans still to cut again, per window, in offset order.
     plans: HashMap<i64, VecDeque<Span>>,
@@ -144,6 +146,8 @@ struct Ready<T> {
 
 struct State<K, A> {
     parts: HashMap<TopicPartition, Part<K, A>>,
+    /// Partitions whose held records were last reported non-zero.
+    reported: Vec<TopicPartition>,
     seq: u64,
     length: i64,
     lateness: i64,
@@ -179,6 +183,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
     ) -> Result<(), PipelineError> {
         let mut state: State<A::Key, A::Acc> = State {
             parts: HashMap::new(),
+            reported: Vec::new(),
             seq: 0,
             length: self.spec.length.as_secs().max(1) as i64,
             lateness: self.spec.allowed_lateness.as_secs() as i64,
@@ -225,9 +230,28 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                     None => break,
                 },
             }
+            self.report_held(&mut state);
         }
         let cuts = self.flush(&mut state, true);
         self.pass(&tx, &mut ready, cuts, true).await
+    }
+
+    /// Sets, per partition, how many records open windows hold back from the offset commit:
+    /// from the first record of the oldest open window to the last record seen (what explains
+    /// a committed offset that trails processing while a topic is quiet).
+    fn report_held(&self, state: &mut State<A::Key, A::Acc>) {
+        let gauge = |tp: &TopicPartition| metrics::gauge!(m::WINDOW_HELD_RECORDS, "stage" => self.io.stage.to_string(), "topic" => tp.topic.to_string(), "partition" => tp.partition.to_string());
+        let mut now = Vec::new();
+        for (tp, part) in &state.parts {
+            if let Some(first) = part.panes.values().map(|p| p.first).min() {
+                gauge(tp).set((part.seen - first + 1).max(0) as f64);
+                now.push(tp.clone());
+            }
+        }
+        for tp in state.reported.iter().filter(|tp| !now.contains(tp)) {
+            gauge(tp).set(0.0);
+        }
+        state.reported = now;
     }
 
     /// Sends `cuts` on, at once or (gathering) with the others once the gathered ones are
@@ -290,6 +314,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                 Part {
                     assignment,
                     max_time: i64::MIN,
+                    seen: i64::MIN,
                     panes: BTreeMap::new(),
                     plans,
                 },
@@ -322,10 +347,12 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             // Items that no acknowledgement covers (tests, generated data).
             assignment: 0,
             max_time: i64::MIN,
+            seen: i64::MIN,
             panes: BTreeMap::new(),
             plans: HashMap::new(),
         });
         part.max_time = part.max_time.max(t);
+        part.seen = part.seen.max(offset);
         if part.plans.contains_key(&window) {
             // Recorded spans of this window that end before this record are complete.
             while let Some(plan) = part.plans.get_mut(&window).and_then(|q| {
@@ -469,6 +496,7 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                     items: pane.items,
                     key: window,
                     across: self.gather.is_some(),
+                    batch: None,
                 },
                 false,
                 false,
@@ -580,6 +608,7 @@ mod tests {
                 items: rows as u64,
                 key: 60,
                 across: true,
+                batch: None,
             },
             replay: false,
             whole_replay: false,
@@ -634,6 +663,7 @@ mod tests {
     fn state() -> State<u8, u64> {
         State {
             parts: HashMap::new(),
+            reported: Vec::new(),
             seq: 0,
             length: 60,
             lateness: 20,
@@ -662,6 +692,7 @@ mod tests {
                 Part {
                     assignment: acks.handles()[0].assignment(),
                     max_time: i64::MIN,
+                    seen: i64::MIN,
                     panes: BTreeMap::new(),
                     plans,
                 },

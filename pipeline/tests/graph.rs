@@ -452,6 +452,7 @@ async fn cut_after_earlier_run(start: i64) -> Vec<(i64, i64, bool)> {
         items: 10,
         key: 0,
         across: false,
+        batch: None,
     });
     let ledger = ledger();
     let mut batches = Vec::new();

@@ -282,7 +282,7 @@ mod tests {
             .filter_map(|s| strip_words(s, &["CREATE", "TABLE", "IF", "NOT", "EXISTS"]))
             .filter_map(|s| split_ident(s).map(|(n, _)| n))
             .collect::<Vec<_>>();
-        assert_eq!(tables.len(), 10, "{tables:?}");
+        assert_eq!(tables.len(), 11, "{tables:?}");
         for t in tables {
             let local = ddl
                 .iter()
@@ -311,8 +311,8 @@ mod tests {
             .filter(|s| s.contains("replicated_deduplication_window = 10000"))
             .count();
         assert_eq!(
-            deduplicated, 9,
-            "every table but the span ledger deduplicates"
+            deduplicated, 10,
+            "every table but the span ledger deduplicates, the landings included"
         );
     }
 

@@ -32,6 +32,11 @@ pub const CLICKHOUSE_MIGRATIONS: &[(u32, &str, &str)] = &[
         "span_across",
         include_str!("../sql/clickhouse/0004_span_across.sql"),
     ),
+    (
+        5,
+        "batch_landings",
+        include_str!("../sql/clickhouse/0005_batch_landings.sql"),
+    ),
 ];
 
 /// PostgreSQL migrations for sqlx's migrator, in order: (version, name, SQL).

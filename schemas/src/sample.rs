@@ -48,6 +48,21 @@ const COUNTRIES: &[(&str, &str, &str, f64, f64)] = &[
     ("JP", "Tokyo", "Tōkyō", 35.68, 139.69),
 ];
 
+/// Which of `events` events a producer publishes a second time, as a producer's retry does
+/// (same key, value and headers, at a later offset), and after which event it does: about
+/// `permille` in a thousand, each 1 to 400 events later (the last ones after the last event).
+/// Deterministic per seed, so a test can count the records a run produces.
+pub fn republished(seed: u64, events: u64, permille: u32) -> Vec<(u64, u64)> {
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0x7e9a_b1c3_55d2_0f41);
+    (0..events)
+        .filter_map(|i| {
+            let pick = rng.random_range(0..1000) < permille;
+            let after = i + rng.random_range(1..=400u64);
+            pick.then_some((i, after.min(events - 1)))
+        })
+        .collect()
+}
+
 impl Generator {
     /// A generator of `total` events spread over the last hour, for `tenants` tenants.
     pub fn new(seed: u64, tenants: usize, total: u64) -> Self {

@@ -7,7 +7,9 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use clickhouse::{Client, RowOwned, RowWrite};
-use sluice_pipeline::{AckSet, Batch, Sink, SinkError, Span, SpanLog, TopicPartition};
+use std::collections::HashMap;
+
+use sluice_pipeline::{AckSet, Batch, BatchRef, Sink, SinkError, Span, SpanLog, TopicPartition};
 use tokio::sync::oneshot;
 
 /// ClickHouse error codes a retry may fix: overload, timeouts, network, too many parts,
@@ -71,20 +73,17 @@ pub fn classify(err: clickhouse::error::Error) -> SinkError {
     }
 }
 
-/// The deduplication token of a batch for `table`: its source spans when a span batcher cut it
-/// (for a batch of one partition the same in every run, replays after a crash included), else
-/// every source range it derives from (the same for retries within one run).
+/// The deduplication token of a batch for `table`: the batch it was cut as when it held
+/// several spans ([`Span::batch`]); its one span when a span batcher cut it from one
+/// partition (the same in every run, replays after a crash included); else every source
+/// range it derives from (the same for retries within one run).
 pub fn batch_token<T>(table: &str, batch: &Batch<T>) -> String {
     match batch.spans() {
         [] => dedup_token(table, batch.acks()),
-        [s] if s.key == 0 => format!(
-            "{table}|{}:{}:{}-{}",
-            s.tp.topic, s.tp.partition, s.first, s.last
-        ),
-        [s] => format!(
-            "{table}|{}:{}:{}:{}-{}",
-            s.tp.topic, s.tp.partition, s.key, s.first, s.last
-        ),
+        [s, ..] if s.batch.is_some() && !batch.is_recovered() => {
+            group_token(table, s.batch.as_ref().expect("checked"))
+        }
+        [s] => span_token(table, s),
         spans => token_of(
             table,
             spans
@@ -93,6 +92,38 @@ pub fn batch_token<T>(table: &str, batch: &Batch<T>) -> String {
                 .collect(),
         ),
     }
+}
+
+/// The token of the batch `batch` names.
+fn group_token(table: &str, batch: &BatchRef) -> String {
+    format!("{table}|batch:{:032x}", batch.id)
+}
+
+/// The token of one span's rows.
+fn span_token(table: &str, s: &Span) -> String {
+    match s.key {
+        0 => format!(
+            "{table}|{}:{}:{}-{}",
+            s.tp.topic, s.tp.partition, s.first, s.last
+        ),
+        key => format!(
+            "{table}|{}:{}:{key}:{}-{}",
+            s.tp.topic, s.tp.partition, s.first, s.last
+        ),
+    }
+}
+
+/// The token under which a span of a batch that did not land is written alone.
+fn recovery_token(table: &str, batch: &BatchRef, s: &Span) -> String {
+    format!(
+        "{}|{}:{}:{}:{}-{}",
+        group_token(table, batch),
+        s.tp.topic,
+        s.tp.partition,
+        s.key,
+        s.first,
+        s.last
+    )
 }
 
 /// The deduplication token of a batch for `table` from its source ranges: the table and every
@@ -120,16 +151,21 @@ fn token_of(table: &str, mut ranges: Vec<String>) -> String {
 
 /// Writes batches of `T` into one table.
 ///
-/// A [`Batch::recovered`] batch (redelivered records whose earlier batch also held other
-/// partitions' records) is written as the rows the table lacks, by the same check.
+/// Every insert carries a deduplication token, and the table's landing view
+/// ([`landing_view`]) records in [`LANDINGS_TABLE`] how many rows landed under each token, in
+/// the same insert. After a crash, a [`Batch::recovered`] batch (redelivered records whose
+/// earlier batch also held other partitions' records) asks it whether that batch landed:
+/// spans of a batch that landed are skipped, spans of one that did not are inserted under a
+/// token of their own, whatever the rows contain (two records with identical rows are two
+/// rows).
 ///
 /// An insert that ends without an answer (the connection dropped: ClickHouse crashed or the
 /// network failed mid-request) is retried with the same token and then checked row by row
 /// against the table, and what is missing is inserted again: a plain `MergeTree` that is
 /// killed during an insert can keep the deduplication record of a block whose part it lost,
 /// so the retry alone would skip that block (observed with SIGKILL on ClickHouse 26.9). A
-/// recorded span cut again whole after a restart is checked the same way: the run that first
-/// wrote it may have been cut off by such a crash.
+/// recorded span cut again whole after a restart is checked the same way unless its landing
+/// shows it whole: the run that first wrote it may have been cut off by such a crash.
 pub struct ClickHouseSink<T> {
     client: Client,
     table: Arc<str>,
@@ -188,8 +224,9 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
     }
 
     /// Checks that the table exists, that every field of `T` has a column of a compatible
-    /// type and that every column without a default has a field; the error names the
-    /// mismatch. `sample` is serialised against the table's schema but never inserted.
+    /// type, that every column without a default has a field, and that the table has its
+    /// landing view; the error names the mismatch. `sample` is serialised against the
+    /// table's schema but never inserted.
     pub async fn check_schema(&self, sample: &T) -> Result<(), SinkError> {
         let mismatch = |e| match e {
             clickhouse::error::Error::SchemaMismatch(m) => SinkError::permanent(format!(
@@ -213,7 +250,7 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
         insert.write(sample).await.map_err(mismatch)?;
         // Dropped without `end()`: the insert is aborted and nothing is written.
         drop(insert);
-        Ok(())
+        self.check_landing_view().await
     }
 }
 
@@ -225,21 +262,27 @@ where
 
     async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
         if batch.is_recovered() {
-            // Its rows may be in the table under another batch's token: write the missing ones.
-            let restored = self.restore_missing(batch).await?;
-            tracing::info!(table = %self.table, rows = batch.len(), restored, "redelivered records of batches cut across partitions: wrote the rows the table lacked");
-            return Ok(());
+            return self.write_recovered(batch).await;
         }
         let token = batch_token(&self.table, batch);
-        if let Err(e) = self.insert(batch, &token).await {
+        if let Err(e) = self.insert(&batch.items, &token).await {
             if unanswered(&e) {
                 self.unanswered = Some(token);
             }
             return Err(classify(e));
         }
-        // A span cut again whole may have been in flight when ClickHouse crashed in an earlier run.
-        if self.unanswered.as_deref() == Some(token.as_str()) || batch.is_replay() {
-            let restored = self.restore_missing(batch).await?;
+        let interrupted = self.unanswered.as_deref() == Some(token.as_str());
+        // A span cut again whole may have been in flight when ClickHouse crashed in an earlier
+        // run: unless its landing shows it whole, compare rows.
+        let check = interrupted
+            || (batch.is_replay()
+                && self
+                    .landed(std::slice::from_ref(&token))
+                    .await?
+                    .get(&token)
+                    .is_none_or(|&n| n < batch.len() as u64));
+        if check {
+            let restored = self.restore_missing(&batch.items, &token).await?;
             self.unanswered = None;
             if restored > 0 {
                 tracing::warn!(table = %self.table, rows = restored, token = %token, "rows of an interrupted insert were missing after its retry (ClickHouse kept the deduplication record of a lost block); inserted them again");
@@ -249,22 +292,138 @@ where
     }
 }
 
+/// What became of a recovered batch's rows.
+#[derive(Default)]
+struct Recovery {
+    /// Rows of batches that had landed: not written again.
+    landed: u64,
+    /// Rows of batches that had not landed: inserted.
+    inserted: u64,
+    /// Rows compared with the table (a batch that landed in part, or a span recorded without
+    /// its batch): how many of them were missing and inserted.
+    checked: u64,
+    restored: u64,
+}
+
 impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
-    async fn insert(&self, batch: &Batch<T>, token: &str) -> Result<(), clickhouse::error::Error> {
+    async fn insert(&self, rows: &[T], token: &str) -> Result<(), clickhouse::error::Error> {
         let insert = self
             .client
             .insert::<T>(&self.table)
             .await?
             .with_setting("insert_deduplication_token", token);
-        write_rows(insert, batch).await
+        write_rows(insert, rows).await
     }
 
-    /// Compares the batch's rows with the table's (as multisets, within the check range) and
-    /// inserts the ones that are missing; returns how many were. Repeating it is harmless:
-    /// a second run finds nothing missing.
-    pub async fn restore_missing(&self, batch: &Batch<T>) -> Result<u64, SinkError> {
+    /// How many rows landed in the table under each of `tokens` (absent: none), from the
+    /// table's landing view.
+    async fn landed(&self, tokens: &[String]) -> Result<HashMap<String, u64>, SinkError> {
+        if tokens.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, u64)> = self
+            .client
+            .query("SELECT token, sum(rows) FROM ? WHERE target_table = ? AND token IN ? GROUP BY token")
+            .bind(clickhouse::sql::Identifier(LANDINGS_TABLE))
+            .bind(&*self.table)
+            .bind(tokens)
+            .fetch_all()
+            .await
+            .map_err(classify)?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Writes the spans of a [`Batch::recovered`] batch whose batch did not land (see the
+    /// type's documentation).
+    async fn write_recovered(&self, batch: &Batch<T>) -> Result<(), SinkError> {
+        let mut done = Recovery::default();
+        let Some(parts) = batch.span_items() else {
+            // Not cut along its spans (no span batcher made it): compare every row.
+            let token = batch_token(&self.table, batch);
+            done.checked = batch.len() as u64;
+            done.restored = self.restore_missing(&batch.items, &token).await?;
+            self.report(&done);
+            return Ok(());
+        };
+        let tokens: Vec<String> = parts
+            .iter()
+            .filter_map(|(s, _)| Some((s, s.batch.as_ref()?)))
+            .flat_map(|(s, b)| {
+                [
+                    group_token(&self.table, b),
+                    recovery_token(&self.table, b, s),
+                ]
+            })
+            .collect();
+        let landed = self.landed(&tokens).await?;
+        let landed = |token: &str| landed.get(token).copied().unwrap_or(0);
+        for (span, rows) in parts {
+            if rows.is_empty() {
+                continue;
+            }
+            let n = rows.len() as u64;
+            let Some(b) = &span.batch else {
+                // Recorded by an older version, without its batch: compare rows.
+                done.checked += n;
+                done.restored += self
+                    .restore_missing(rows, &span_token(&self.table, span))
+                    .await?;
+                continue;
+            };
+            let (whole, again) = (
+                landed(&group_token(&self.table, b)),
+                landed(&recovery_token(&self.table, b, span)),
+            );
+            let token = recovery_token(&self.table, b, span);
+            if whole >= b.items || again >= n {
+                done.landed += n;
+            } else if whole == 0 && again == 0 {
+                self.insert(rows, &token).await.map_err(classify)?;
+                done.inserted += n;
+            } else {
+                // Landed in part: only a ClickHouse crash during its insert does that.
+                done.checked += n;
+                done.restored += self.restore_missing(rows, &token).await?;
+            }
+        }
+        self.report(&done);
+        Ok(())
+    }
+
+    fn report(&self, done: &Recovery) {
+        tracing::info!(table = %self.table, landed = done.landed, inserted = done.inserted, checked = done.checked, restored = done.restored, "redelivered records of batches cut across partitions: wrote the rows of batches that had not landed");
+    }
+
+    /// Checks that the table's landing view exists, naming it if not.
+    async fn check_landing_view(&self) -> Result<(), SinkError> {
+        let view = landing_view(&self.table);
+        let found: u64 = self
+            .client
+            .query(
+                "SELECT count() FROM system.tables WHERE database = currentDatabase() \
+                 AND name = ? AND engine = 'MaterializedView'",
+            )
+            .bind(&view)
+            .fetch_one()
+            .await
+            .map_err(classify)?;
+        if found == 0 {
+            return Err(SinkError::permanent(format!(
+                "table `{}` has no landing view `{view}` into `{LANDINGS_TABLE}` (run `sluice migrate`): \
+                 without it a replay after a crash cannot tell whether a batch was written",
+                self.table
+            )));
+        }
+        Ok(())
+    }
+
+    /// Compares `rows` with the table's (as multisets, within the check range) and inserts
+    /// the ones that are missing; returns how many were. Repeating it is harmless: a second
+    /// run finds nothing missing. Limit: a missing row that equals another row of the table
+    /// in every column is taken as present, so it is the fallback for what a landing cannot
+    /// tell (an insert that ClickHouse crashed during).
+    pub async fn restore_missing(&self, rows: &[T], token: &str) -> Result<u64, SinkError> {
         use clickhouse::sql::Identifier;
-        let token = batch_token(&self.table, batch);
         // One scratch table per batch, so concurrent writers never share one.
         let digest = twox_hash::XxHash3_128::oneshot(token.as_bytes());
         let scratch = format!("sluice_check_{digest:032x}");
@@ -282,7 +441,7 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
             .execute()
             .await
             .map_err(classify)?;
-        let result = self.insert_missing(batch, &scratch).await;
+        let result = self.insert_missing(rows, &scratch).await;
         let dropped = drop_scratch().await;
         let missing = result.map_err(classify)?;
         if let Err(e) = dropped {
@@ -293,11 +452,11 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
 
     async fn insert_missing(
         &self,
-        batch: &Batch<T>,
+        rows: &[T],
         scratch: &str,
     ) -> Result<u64, clickhouse::error::Error> {
         use clickhouse::sql::Identifier;
-        write_rows(self.client.insert::<T>(scratch).await?, batch).await?;
+        write_rows(self.client.insert::<T>(scratch).await?, rows).await?;
         let missing_rows = match &self.check_range {
             Some(_) => {
                 "SELECT * FROM ? EXCEPT ALL SELECT * FROM ? \
@@ -342,12 +501,12 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Writes every row of `batch` into `insert` and ends it.
+/// Writes every row into `insert` and ends it.
 async fn write_rows<T: RowOwned + RowWrite>(
     mut insert: clickhouse::insert::Insert<T>,
-    batch: &Batch<T>,
+    rows: &[T],
 ) -> Result<(), clickhouse::error::Error> {
-    for row in &batch.items {
+    for row in rows {
         insert.write(row).await?;
     }
     insert.end().await
@@ -355,6 +514,19 @@ async fn write_rows<T: RowOwned + RowWrite>(
 
 /// The span log table the migrations create.
 pub const SPAN_LOG_TABLE: &str = "sluice_batch_spans";
+
+/// The table where each target table's landing view records, per insert, its
+/// deduplication token and how many rows it stored.
+pub const LANDINGS_TABLE: &str = "sluice_batch_landings";
+
+/// The name of `table`'s landing view: a materialised view on `table` into
+/// [`LANDINGS_TABLE`], `SELECT '<table>' AS target_table,
+/// getSetting('insert_deduplication_token') AS token, count() AS rows FROM <table> GROUP BY
+/// token HAVING token != ''`. A block that the table drops as a repeat is dropped by the
+/// landings table too (both deduplicate), so a token's rows are what landed under it.
+pub fn landing_view(table: &str) -> String {
+    format!("sluice_landed_{table}")
+}
 
 #[derive(clickhouse::Row, serde::Serialize)]
 struct SpanRecord {
@@ -367,6 +539,9 @@ struct SpanRecord {
     items: u64,
     span_key: i64,
     across: bool,
+    /// [`BatchRef::id`], 0 for a span that left alone.
+    batch_id: u128,
+    batch_items: u64,
 }
 
 /// A [`SpanLog`] in the ClickHouse table `sluice_batch_spans`, for one consumer group and one
@@ -440,6 +615,8 @@ impl SpanLog for ClickHouseSpanLog {
                 items: s.items,
                 span_key: s.key,
                 across: s.across,
+                batch_id: s.batch.map_or(0, |b| b.id),
+                batch_items: s.batch.map_or(0, |b| b.items),
             })
             .collect();
         let (tx, mut done) = oneshot::channel();
@@ -474,10 +651,11 @@ impl SpanLog for ClickHouseSpanLog {
     }
 
     async fn load(&self, tp: &TopicPartition, from: i64) -> Result<Vec<Span>, SinkError> {
-        let rows: Vec<(i64, i64, u64, i64, bool)> = self
+        type Recorded = (i64, i64, u64, i64, bool, u128, u64);
+        let rows: Vec<Recorded> = self
             .client
             .query(
-                "SELECT first_offset, last_offset, items, span_key, across FROM ? \
+                "SELECT first_offset, last_offset, items, span_key, across, batch_id, batch_items FROM ? \
                  WHERE consumer_group = ? AND target_table = ? AND topic = ? AND partition = ? \
                  AND last_offset >= ? ORDER BY recorded_at, first_offset",
             )
@@ -492,13 +670,17 @@ impl SpanLog for ClickHouseSpanLog {
             .map_err(classify)?;
         Ok(rows
             .into_iter()
-            .map(|(first, last, items, key, across)| Span {
+            .map(|(first, last, items, key, across, id, batch_items)| Span {
                 tp: tp.clone(),
                 first,
                 last,
                 items,
                 key,
                 across,
+                batch: (id != 0).then_some(BatchRef {
+                    id,
+                    items: batch_items,
+                }),
             })
             .collect())
     }

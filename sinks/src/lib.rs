@@ -4,6 +4,7 @@ pub mod clickhouse;
 pub mod reducer;
 
 pub use crate::clickhouse::{
-    ClickHouseSink, ClickHouseSpanLog, SPAN_LOG_TABLE, batch_token, classify, connect, dedup_token,
+    ClickHouseSink, ClickHouseSpanLog, LANDINGS_TABLE, SPAN_LOG_TABLE, batch_token, classify,
+    connect, dedup_token, landing_view,
 };
 pub use crate::reducer::{Reducer, ReducerSink, classify_pg, coalesce};

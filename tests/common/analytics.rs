@@ -230,6 +230,19 @@ impl Setup {
         pipeline: &str,
         rate: u64,
     ) -> (Setup, Option<std::process::Child>) {
+        Self::republishing(events, partitions, session_ms, pipeline, rate, 0).await
+    }
+
+    /// As [`Setup::new`], with about `permille` in a thousand events published a second time
+    /// later in the stream (`generate --republish-permille`): `events` counts every record.
+    pub async fn republishing(
+        events: usize,
+        partitions: i32,
+        session_ms: u32,
+        pipeline: &str,
+        rate: u64,
+        permille: u32,
+    ) -> (Setup, Option<std::process::Child>) {
         let topic = unique("sa_run");
         create_topic(&topic, partitions).await;
         let pg_url = create_pg_database("sluice_sa").await;
@@ -246,8 +259,12 @@ impl Setup {
         let pipeline = format!("{pipeline}\nusage_max_open_secs = 5");
         write_config(&config, session_ms, "", &pipeline);
         assert_ok("migrate", &sluice(&config, &as_refs(&env), &["migrate"]));
-        let (events_s, partitions_s, rate_s) =
-            (events.to_string(), partitions.to_string(), rate.to_string());
+        let (events_s, partitions_s, rate_s, permille_s) = (
+            events.to_string(),
+            partitions.to_string(),
+            rate.to_string(),
+            permille.to_string(),
+        );
         let args = [
             "generate",
             "--events",
@@ -261,6 +278,8 @@ impl Setup {
             "5",
             "--rate",
             &rate_s,
+            "--republish-permille",
+            &permille_s,
         ];
         let producer = if rate == 0 {
             assert_ok("generate", &sluice(&config, &as_refs(&env), &args));
@@ -273,10 +292,11 @@ impl Setup {
                 .expect("generate");
             Some(child)
         };
+        let copies = sluice_schemas::sample::republished(5, events as u64, permille).len();
         let setup = Setup {
             topic,
             partitions,
-            events,
+            events: events + copies,
             group,
             pg_url,
             env,
@@ -381,6 +401,7 @@ impl Setup {
             clean_run,
             got,
             want,
+            clean_db: env[2].1.clone(),
         }
     }
 

@@ -134,6 +134,22 @@ pub struct TableComparison {
     pub got: Vec<(String, u64, u64)>,
     /// (table, rows, digest) of the clean run.
     pub want: Vec<(String, u64, u64)>,
+    /// The clean run's ClickHouse database.
+    pub clean_db: String,
+}
+
+/// `viewer_metrics_5m` of `db`: rows, and a hash of every row with its averages rounded
+/// (merged in another order, a float average can differ in its last bits).
+pub async fn five_minute_digest(db: &str) -> (u64, u64) {
+    clickhouse(db)
+        .query(
+            "SELECT count(), sum(cityHash64(timestamp_5m, tenant_id, internal_name, node_id, \
+             peak_viewers, round(avg_viewers, 3), unique_countries, unique_cities, \
+             round(avg_connection_quality, 3), round(avg_buffer_health, 3))) FROM viewer_metrics_5m",
+        )
+        .fetch_one()
+        .await
+        .expect("viewer_metrics_5m")
 }
 
 /// Rows in all tables.
