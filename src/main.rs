@@ -37,10 +37,15 @@ enum Command {
         /// TOML configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Exit 0 once every assigned partition is processed to the end offset it had at start,
-        /// everything is flushed and offsets are committed (backfills, demos, tests).
+        /// Exit 0 once every partition of the topics has the group's committed offset at the
+        /// end offset it had at start, whichever member processed it (backfills, demos,
+        /// tests); the worker stays in the group until then.
         #[arg(long)]
         drain: bool,
+        /// With --drain: exit non-zero after this many seconds if the drain is not done,
+        /// naming the partitions left (what is written is committed).
+        #[arg(long, value_name = "SECS", requires = "drain")]
+        drain_timeout: Option<u64>,
         /// Print a progress line (rows written) every second on stderr.
         #[arg(long)]
         progress: bool,
@@ -150,6 +155,10 @@ enum Command {
         /// with the same seed, the same value gives byte-identical events.
         #[arg(long)]
         until: Option<i64>,
+        /// Publish about this many events in a thousand a second time, 1 to 400 events later
+        /// (same key, value and headers at a new offset), as a producer's retry does.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        republish_permille: u32,
     },
     /// Check the configuration and reach every service; print the effective settings with
     /// secrets redacted. Exits non-zero if anything is wrong.
@@ -277,6 +286,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             topic,
             key_by_stream,
             until,
+            republish_permille,
         } => {
             let config = load(config)?;
             let opts = generate::Options {
@@ -289,6 +299,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 progress: true,
                 key_by_stream,
                 until,
+                republish_permille,
             };
             generate::run(&config, &opts).await?;
             Ok(ExitCode::SUCCESS)
@@ -296,8 +307,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             config,
             drain,
+            drain_timeout,
             progress,
-        } => run(config, drain, progress).await,
+        } => {
+            let drain = drain.then(|| drain_timeout.map(Duration::from_secs));
+            run(config, drain, progress).await
+        }
     }
 }
 
@@ -399,7 +414,12 @@ async fn check_postgres(config: &Config) -> anyhow::Result<String> {
     Ok(format!("PostgreSQL {version}"))
 }
 
-async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Result<ExitCode> {
+/// `drain`: drain mode, with its timeout if any.
+async fn run(
+    path: Option<PathBuf>,
+    drain: Option<Option<Duration>>,
+    progress: bool,
+) -> anyhow::Result<ExitCode> {
     use sluice_pipeline::{DeadLetterSink, Pipeline, PipelineConfig, RetryPolicy};
     let config = load(path)?;
     let prometheus = match sluice_pipeline::http::install_prometheus() {
@@ -464,9 +484,10 @@ async fn run(path: Option<PathBuf>, drain: bool, progress: bool) -> anyhow::Resu
         &config.kafka.librdkafka_options()?,
     )
     .context("cannot create the dead-letter producer")?;
-    let source = frameworks::source_config(&config, drain)?;
+    let mut source = frameworks::source_config(&config, drain.is_some())?;
+    source.drain_timeout = drain.flatten();
     frameworks::build(&pipeline, &config, source, client, postgres, dlq);
-    tracing::info!(topics = ?config.kafka.topics, group = %config.kafka.group_id, dlq = %dlq_topic, drain, "sluice run: starting");
+    tracing::info!(topics = ?config.kafka.topics, group = %config.kafka.group_id, dlq = %dlq_topic, drain = drain.is_some(), "sluice run: starting");
 
     let started = std::time::Instant::now();
     let reporter = progress.then(|| {

@@ -88,9 +88,13 @@ pub struct KafkaSourceConfig {
     /// How long a revocation waits for the partition's in-flight batches to be written before
     /// it commits what is written and lets the partition go.
     pub revoke_timeout: Duration,
-    /// Stop (and trigger shutdown) once every assigned partition is processed up to the end
-    /// offset it had when first seen.
+    /// Stop (and trigger shutdown) once every partition of the subscribed topics has the
+    /// group's committed offset at the end offset it had when the source started, whichever
+    /// member processed it; until then the source stays in the group through rebalances.
     pub drain: bool,
+    /// Drain mode: give up after this long, committing what is written, with an error that
+    /// names the partitions left.
+    pub drain_timeout: Option<Duration>,
 }
 
 impl KafkaSourceConfig {
@@ -110,6 +114,7 @@ impl KafkaSourceConfig {
             commit_interval: Duration::from_secs(1),
             revoke_timeout: Duration::from_secs(20),
             drain: false,
+            drain_timeout: None,
         }
     }
 
@@ -201,6 +206,7 @@ impl Source for KafkaSource {
                     paused: false,
                     interned: HashMap::new(),
                     drain_flushed: std::cell::Cell::new(None),
+                    drain: Drain::default(),
                 };
                 let result = worker.run();
                 let _ = done_tx.send(result);
@@ -228,7 +234,7 @@ struct Shared {
     /// asynchronous ones (a failure reported by the commit callback removes the entry, so the
     /// next interval commits it again).
     committed: Mutex<HashMap<TopicPartition, i64>>,
-    /// Drain mode: per assigned partition, where it started and the end offset to reach.
+    /// Per assigned partition: where it started and its watermarks at assignment.
     drain: Mutex<HashMap<TopicPartition, DrainTarget>>,
     /// Bumped on every rebalance: messages polled across one are discarded, not issued.
     generation: Mutex<u64>,
@@ -243,10 +249,22 @@ struct Shared {
     name: Arc<str>,
 }
 
+/// What an assigned partition looked like when it was assigned.
 #[derive(Clone, Copy, Debug, Default)]
 struct DrainTarget {
+    /// The group's committed offset when the partition was assigned.
     start: Option<i64>,
-    end: Option<i64>,
+}
+
+/// Sets the committed-offset and lag gauges of `tp`.
+fn set_position_gauges(tp: &TopicPartition, committed: i64, high: Option<i64>) {
+    let (topic, partition) = (tp.topic.to_string(), tp.partition.to_string());
+    metrics::gauge!(m::COMMITTED_OFFSET, "topic" => topic.clone(), "partition" => partition.clone())
+        .set(committed as f64);
+    if let Some(high) = high {
+        metrics::gauge!(m::CONSUMER_LAG, "topic" => topic, "partition" => partition)
+            .set((high - committed).max(0) as f64);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -384,7 +402,12 @@ impl Shared {
                     Offset::Offset(o) => Some(o),
                     _ => None,
                 });
-            drain.insert(tp.clone(), DrainTarget { start, end: None });
+            let target = DrainTarget { start };
+            // From the assignment on; lag follows with the first fetch response's watermark.
+            if let Some(c) = target.start {
+                set_position_gauges(tp, c, None);
+            }
+            drain.insert(tp.clone(), target);
         }
         self.health.set_assigned(!lock(&self.ledgers).is_empty());
         tracing::info!(source = %self.name, partitions = assigned.len(), "partitions assigned");
@@ -475,13 +498,32 @@ struct Worker {
     interned: HashMap<String, Arc<str>>,
     /// Drain mode: when the stages were last asked to flush, everything being handed out.
     drain_flushed: std::cell::Cell<Option<Instant>>,
+    drain: Drain,
 }
+
+/// Drain mode: what to reach and what is left.
+#[derive(Default)]
+struct Drain {
+    /// Every partition of the subscribed topics with its low watermark and the end offset it
+    /// had when the drain started (read once the broker answers).
+    ends: Option<BTreeMap<TopicPartition, (i64, i64)>>,
+    /// The group's committed offsets of partitions other members hold (or nobody yet).
+    group: HashMap<TopicPartition, i64>,
+    /// When `group` and `ends` were last asked for.
+    asked: Option<Instant>,
+    /// Partitions not yet done: (partition, where the group is, end).
+    left: Vec<(TopicPartition, Option<i64>, i64)>,
+}
+
+/// How often a drain asks the broker for what it cannot see itself.
+const DRAIN_ASK: Duration = Duration::from_secs(1);
 
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(50);
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
 impl Worker {
     fn run(&mut self) -> Result<(), PipelineError> {
+        let started = Instant::now();
         let mut last_commit = Instant::now();
         let result = loop {
             if self.ctx.shutdown.is_triggered() {
@@ -537,9 +579,31 @@ impl Worker {
                 last_commit = Instant::now();
             }
             if self.config.drain && self.drained() {
-                tracing::info!(source = %self.shared.name, "every assigned partition is processed to its end offset; draining");
+                tracing::info!(source = %self.shared.name, "every partition is processed to the end offset it had when the drain started; draining");
                 self.ctx.shutdown.trigger();
                 break Ok(());
+            }
+            if let Some(timeout) = self.config.drain_timeout
+                && self.config.drain
+                && started.elapsed() >= timeout
+            {
+                let left: Vec<String> = self
+                    .drain
+                    .left
+                    .iter()
+                    .map(|(tp, at, end)| match at {
+                        Some(at) => format!("{tp} (committed {at} of {end})"),
+                        None => format!("{tp} (nothing committed of {end})"),
+                    })
+                    .collect();
+                let left = match self.drain.ends {
+                    None => "the topics' partitions are unknown (no broker answered)".to_owned(),
+                    Some(_) => format!("{} partitions left: {}", left.len(), left.join(", ")),
+                };
+                break Err(PipelineError::Source {
+                    stage: self.shared.name.clone(),
+                    message: format!("drain incomplete after {timeout:?}: {left}"),
+                });
             }
         };
         self.finish();
@@ -700,72 +764,129 @@ impl Worker {
         }
     }
 
-    fn watermark(&self, tp: &TopicPartition) -> Option<i64> {
-        let topic = CString::new(tp.topic.as_bytes()).ok()?;
-        let (mut low, mut high) = (-1i64, -1i64);
-        // SAFETY: the client pointer is valid while `self.consumer` lives; `topic` is a valid
-        // NUL-terminated string; librdkafka writes only to the two out-parameters. This reads
-        // the high watermark cached from fetch responses (no broker request).
-        let err = unsafe {
-            rdkafka::bindings::rd_kafka_get_watermark_offsets(
-                self.consumer.client().native_ptr(),
-                topic.as_ptr(),
-                tp.partition,
-                &mut low,
-                &mut high,
-            )
-        };
-        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
-            .then_some(high)
-    }
-
     fn update_lag(&self) {
         let ledgers = lock(&self.shared.ledgers).clone();
         let committed = lock(&self.shared.committed).clone();
         let drain = lock(&self.shared.drain).clone();
-        for (tp, ledger) in &ledgers {
-            let Some(high) = self.watermark(tp) else {
+        for tp in ledgers.keys() {
+            let Some((low, high)) = watermarks(&self.consumer, tp) else {
                 continue;
             };
+            // Where the group stands: its last commit, or (none yet) where it starts reading.
             let pos = committed
                 .get(tp)
                 .copied()
-                .or(ledger.committable())
                 .or(drain.get(tp).and_then(|d| d.start))
-                .unwrap_or(0);
-            metrics::gauge!(m::CONSUMER_LAG, "topic" => tp.topic.to_string(), "partition" => tp.partition.to_string())
-                .set((high - pos).max(0) as f64);
+                .unwrap_or(low);
+            set_position_gauges(tp, pos, Some(high));
         }
     }
 
-    /// Drain mode: whether every assigned partition is acknowledged up to the end offset it
-    /// had when first fetched. (The end comes from fetch responses, not ListOffsets.)
-    fn drained(&self) -> bool {
-        let ledgers = lock(&self.shared.ledgers).clone();
-        if ledgers.is_empty() {
-            return false;
-        }
-        let mut drain = lock(&self.shared.drain);
-        let mut fetched = true;
-        let done = ledgers.iter().all(|(tp, ledger)| {
-            let target = drain.entry(tp.clone()).or_default();
-            if target.end.is_none() {
-                target.end = self.watermark(tp);
+    /// Every partition of the subscribed topics with its low watermark and end offset now,
+    /// read from fetch responses of a probe consumer assigned to all of them (see
+    /// [`watermarks`]); `None` until the broker answers.
+    fn drain_ends(&self) -> Option<BTreeMap<TopicPartition, (i64, i64)>> {
+        let mut tpl = TopicPartitionList::new();
+        let mut tps = Vec::new();
+        for topic in &self.config.topics {
+            let metadata = self
+                .consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(2))
+                .ok()?;
+            let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+            if t.error().is_some() || t.partitions().is_empty() {
+                return None;
             }
-            let Some(end) = target.end else {
-                fetched = false;
-                return false;
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .ok()?;
+                tps.push(TopicPartition::new(topic.as_str(), p.id()));
+            }
+        }
+        // Assigned, not subscribed: the probe joins no group and commits nothing.
+        let probe: BaseConsumer = self.config.client_config().create().ok()?;
+        probe.assign(&tpl).ok()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut ends = BTreeMap::new();
+        while Instant::now() < deadline {
+            let _ = probe.poll(Duration::from_millis(50));
+            ends = tps
+                .iter()
+                .filter_map(|tp| Some((tp.clone(), watermarks(&probe, tp)?)))
+                .collect();
+            if ends.len() == tps.len() {
+                tracing::info!(source = %self.shared.name, partitions = ends.len(), records = ends.values().map(|(l, h)| h - l).sum::<i64>(), "draining every partition to its end offset now");
+                return Some(ends);
+            }
+        }
+        tracing::warn!(source = %self.shared.name, known = ends.len(), partitions = tps.len(), "cannot read every partition's end offset yet; asking again");
+        None
+    }
+
+    /// Drain mode: whether every partition of the subscribed topics has reached the end
+    /// offset it had when the drain started: the ones assigned here acknowledged up to it,
+    /// the others committed up to it by the group (whichever member did it). Partitions
+    /// assigned here and handed out to their end have their stages flushed (windows waiting
+    /// for their watermark).
+    fn drained(&mut self) -> bool {
+        let ask = self.drain.asked.is_none_or(|t| t.elapsed() >= DRAIN_ASK);
+        if self.drain.ends.is_none() && ask {
+            self.drain.asked = Some(Instant::now());
+            self.drain.ends = self.drain_ends();
+        }
+        let Some(ends) = self.drain.ends.clone() else {
+            return false;
+        };
+        let ledgers = lock(&self.shared.ledgers).clone();
+        let starts = lock(&self.shared.drain).clone();
+        let mut fetched = true;
+        let mut mine_left = false;
+        let mut others = Vec::new();
+        let mut left = Vec::new();
+        for (tp, &(low, end)) in &ends {
+            if end <= low {
+                continue;
+            }
+            let Some(ledger) = ledgers.get(tp) else {
+                others.push(tp.clone());
+                continue;
             };
-            let start = target.start.unwrap_or(0);
+            let start = starts.get(tp).and_then(|d| d.start).unwrap_or(low);
             fetched &= ledger.issued_until().unwrap_or(start) >= end;
-            let pos = ledger.committable().or(target.start).unwrap_or(0);
-            ledger.outstanding() == 0 && pos >= end
-        });
-        // Everything to drain is handed out: stages that hold items until more arrive
+            let pos = ledger.committable().unwrap_or(start);
+            if ledger.outstanding() > 0 || pos < end {
+                mine_left = true;
+                left.push((tp.clone(), Some(pos), end));
+            }
+        }
+        if !others.is_empty() && ask {
+            self.drain.asked = Some(Instant::now());
+            let mut tpl = TopicPartitionList::new();
+            for tp in &others {
+                tpl.add_partition(&tp.topic, tp.partition);
+            }
+            if let Ok(committed) = self.consumer.committed_offsets(tpl, Duration::from_secs(2)) {
+                for e in committed.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        self.drain
+                            .group
+                            .insert(TopicPartition::new(e.topic(), e.partition()), o);
+                    }
+                }
+            }
+        }
+        for tp in others {
+            let end = ends[&tp].1;
+            let at = self.drain.group.get(&tp).copied();
+            if at.is_none_or(|at| at < end) {
+                left.push((tp, at, end));
+            }
+        }
+        // Everything to drain here is handed out: stages that hold items until more arrive
         // (windows waiting for their watermark) are asked to flush, again every 250 ms while
         // the last items are still on their way to them.
         if fetched
-            && !done
+            && mine_left
             && self
                 .drain_flushed
                 .get()
@@ -774,8 +895,34 @@ impl Worker {
             self.drain_flushed.set(Some(Instant::now()));
             self.shared.flush.flush();
         }
+        let done = left.is_empty();
+        self.drain.left = left;
         done
     }
+}
+
+/// The low and high watermarks of `tp` cached from `consumer`'s fetch responses (no broker
+/// request): ListOffsets answers can lag behind the log, or be wrong on some brokers (Tansu
+/// 0.6 answers 1 for a partition of hundreds of records), fetch responses are not.
+fn watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tp: &TopicPartition,
+) -> Option<(i64, i64)> {
+    let topic = CString::new(tp.topic.as_bytes()).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; `topic` is a valid
+    // NUL-terminated string; librdkafka writes only to the two out-parameters.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            tp.partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low.max(0), high))
 }
 
 fn intern(cache: &mut HashMap<String, Arc<str>>, s: &str) -> Arc<str> {
