@@ -99,7 +99,8 @@ impl<T> Batch<T> {
         self
     }
 
-    /// Whether the batch must be written as the items the sink lacks (see [`Batch::recovered`]).
+    /// Whether the batch holds redelivered spans of batches that may have landed (see
+    /// [`Batch::recovered`]).
     pub fn is_recovered(&self) -> bool {
         self.recovered
     }

@@ -858,7 +858,7 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     ///
     /// Such a batch cannot be cut again after a crash, because its other partitions may go to
     /// other workers: redelivered records whose span was recorded go out as
-    /// [`Batch::recovered`] batches (written as the items the sink lacks), or, when redelivery
+    /// [`Batch::recovered`] batches (written only if their batch did not land), or, when redelivery
     /// starts inside a span (its batch was acknowledged), are not written again.
     pub fn batch_spans_across<F, L>(
         self,

@@ -4,8 +4,9 @@
 //! (ClickHouse's `insert_deduplication_token`) then sees the same batches and writes them once.
 //!
 //! Cut across partitions instead ([`Flow::batch_spans_across`](crate::Flow::batch_spans_across)),
-//! a batch holds one span per partition; a replay cannot rebuild it, so redelivered spans of it
-//! are written as the items the sink lacks ([`Batch::recovered`]).
+//! a batch holds one span per partition; a replay cannot rebuild it, so each of its spans is
+//! recorded with the batch's identity ([`BatchRef`]), and redelivered spans of it leave as
+//! [`Batch::recovered`] batches: the sink writes a span's items only if that batch did not land.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -60,7 +61,7 @@ pub struct Span {
     /// 0 for plain span batches.
     pub key: i64,
     /// The span's batch held other spans too (other partitions', other windows'): a replay
-    /// cannot cut that batch again, so its records are written as the rows a sink lacks.
+    /// cannot cut that batch again, so its records leave as a [`Batch::recovered`] batch.
     pub across: bool,
     /// The batch the span left in, when it left with other spans (set as the batch is cut,
     /// recorded with the span): a replay asks the sink whether that batch landed.
@@ -279,8 +280,8 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
     ///
     /// A replayed span whose batch held other spans ([`Span::across`]) cannot be
     /// written under that batch's identity again: cut again whole, it goes out (with the
-    /// other such spans) as a [`Batch::recovered`] batch, written as the rows the sink lacks;
-    /// a tail is dropped, because redelivery that starts inside a span means its batch was
+    /// other such spans) as a [`Batch::recovered`] batch, written only if its batch did not
+    /// land; a tail is dropped, because redelivery that starts inside a span means its batch was
     /// acknowledged, so written.
     pub(crate) async fn emit(
         &self,
