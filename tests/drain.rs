@@ -8,7 +8,9 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{as_refs, assert_ok, command, config_path, sigterm, sluice, table_digests};
+use common::{
+    as_refs, assert_ok, command, config_path, end_offsets, sigterm, sluice, table_digests,
+};
 use sluice_testkit::{committed_offsets, create_topic, unique};
 
 #[tokio::test]
@@ -138,15 +140,4 @@ async fn a_drain_covers_every_partition_though_a_dead_member_held_half_of_them()
     assert_eq!(table_digests(&db).await, table_digests(&env_ref[2].1).await);
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_file(&config);
-}
-
-/// Every partition's end offset, from the `n` records read back (the broker's ListOffsets
-/// answer is not reliable here: see `sluice_pipeline::kafka`'s watermarks).
-fn end_offsets(topic: &str, partitions: i32, n: usize) -> std::collections::BTreeMap<i32, i64> {
-    let mut ends: std::collections::BTreeMap<i32, i64> = (0..partitions).map(|p| (p, 0)).collect();
-    for r in sluice_testkit::read_all(topic, partitions, n) {
-        let end = ends.entry(r.partition).or_default();
-        *end = (*end).max(r.offset + 1);
-    }
-    ends
 }

@@ -7,8 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{as_refs, assert_ok, command, config_path, sluice, total_rows, write_config};
-use sluice_testkit::{committed_offsets, create_topic, http_get, read_all, unique};
+use common::{
+    as_refs, assert_ok, command, config_path, end_offsets, sluice, total_rows, write_config,
+};
+use sluice_testkit::{committed_offsets, create_topic, http_get, unique};
 
 /// The value of every sample of `name` per partition label.
 fn gauge(metrics: &str, name: &str) -> BTreeMap<i32, f64> {
@@ -126,15 +128,4 @@ async fn lag_and_committed_offsets_show_from_assignment_on_while_windows_hold_th
         );
     }
     let _ = std::fs::remove_file(&config);
-}
-
-/// Every partition's end offset, from the `n` records read back (the broker's ListOffsets
-/// answer is not reliable here: see `sluice_pipeline::kafka`'s watermarks).
-fn end_offsets(topic: &str, partitions: i32, n: usize) -> BTreeMap<i32, i64> {
-    let mut ends: BTreeMap<i32, i64> = (0..partitions).map(|p| (p, 0)).collect();
-    for r in read_all(topic, partitions, n) {
-        let end = ends.entry(r.partition).or_default();
-        *end = (*end).max(r.offset + 1);
-    }
-    ends
 }

@@ -165,3 +165,14 @@ pub fn sigterm(pid: u32) {
         .expect("kill");
     assert!(status.success());
 }
+
+/// Every partition's end offset, from the `n` records read back (the broker's ListOffsets
+/// answer is not reliable here: see `sluice_pipeline::kafka`'s watermarks).
+pub fn end_offsets(topic: &str, partitions: i32, n: usize) -> std::collections::BTreeMap<i32, i64> {
+    let mut ends: std::collections::BTreeMap<i32, i64> = (0..partitions).map(|p| (p, 0)).collect();
+    for r in sluice_testkit::read_all(topic, partitions, n) {
+        let end = ends.entry(r.partition).or_default();
+        *end = (*end).max(r.offset + 1);
+    }
+    ends
+}
