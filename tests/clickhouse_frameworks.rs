@@ -64,6 +64,23 @@ fn routed(i: usize, kind: &str, data: &str, index: usize) -> TableRow {
     route(&event(i, kind, data)).expect("routes").remove(index)
 }
 
+/// `n` `stream_events` rows of distinct live events.
+fn stream_events(n: usize) -> Vec<StreamEventRow> {
+    (0..n)
+        .map(|i| {
+            match routed(
+                i,
+                "stream-lifecycle",
+                r#"{"internal_name":"s","status":"live"}"#,
+                0,
+            ) {
+                TableRow::StreamEvent(r) => r,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect()
+}
+
 /// Writes `b` until the sink succeeds (a path that is coming back), at most 5 s.
 async fn write_until_ok<T>(sink: &mut ClickHouseSink<T>, b: &Batch<T>, what: &str)
 where
@@ -283,19 +300,7 @@ async fn a_retried_batch_lands_once_and_distinct_batches_with_equal_rows_both_la
 async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
     let client = fresh_database().await;
     let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 5));
-    let rows: Vec<StreamEventRow> = (0..100)
-        .map(|i| {
-            match routed(
-                i,
-                "stream-lifecycle",
-                r#"{"internal_name":"s","status":"live"}"#,
-                0,
-            ) {
-                TableRow::StreamEvent(r) => r,
-                other => panic!("{other:?}"),
-            }
-        })
-        .collect();
+    let rows = stream_events(100);
     let b = batch(&ledger, 0, rows);
     let ch: std::net::SocketAddr = clickhouse_url()
         .trim_start_matches("http://")
@@ -642,19 +647,7 @@ fn span(p: i32, first: i64, items: u64, batch: Option<sluice_pipeline::BatchRef>
 #[tokio::test]
 async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_holds_equal_rows() {
     let client = fresh_database().await;
-    let rows: Vec<StreamEventRow> = (0..12)
-        .map(|i| {
-            match routed(
-                i,
-                "stream-lifecycle",
-                r#"{"internal_name":"s","status":"live"}"#,
-                0,
-            ) {
-                TableRow::StreamEvent(r) => r,
-                other => panic!("{other:?}"),
-            }
-        })
-        .collect();
+    let rows = stream_events(12);
     let mut sink = ClickHouseSink::<StreamEventRow>::new(client.clone(), "stream_events")
         .check_range("timestamp");
     sink.check_schema(&StreamEventRow::default())
@@ -693,6 +686,28 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
             .with_spans(b_spans.clone())
             .recovered()
     };
+    // B's insert still running (its worker was killed after sending it): the replay waits.
+    let b_token = sluice_sinks::batch_token(
+        "stream_events",
+        &Batch::unacked(b_rows.clone()).with_spans(b_spans.clone()),
+    );
+    let slow = client
+        .query(
+            "INSERT INTO stream_events SELECT * FROM stream_events \
+             WHERE sleepEachRow(0.4) = 1",
+        )
+        .with_setting("insert_deduplication_token", &b_token);
+    let slow = tokio::spawn(slow.execute());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let err = sink
+        .write(&replay())
+        .await
+        .expect_err("an insert of B is running");
+    assert!(
+        err.is_transient() && err.to_string().contains("still running"),
+        "{err}"
+    );
+    slow.await.expect("join").expect("the slow insert");
     sink.write(&replay()).await.expect("replay of B");
     assert_eq!(count(&client, "stream_events").await, 13, "every row of B");
     let copies: u64 = client

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{
-    as_refs, assert_ok, command, config_path, end_offsets, sigterm, sluice, table_digests,
+    as_refs, assert_ok, command, config_path, end_offsets, generate, sigterm, sluice, table_digests,
 };
 use sluice_testkit::{committed_offsets, create_topic, unique};
 
@@ -41,25 +41,7 @@ async fn a_drain_covers_every_partition_though_a_dead_member_held_half_of_them()
         env_of(&group, &db),
         env_of(&unique("drain_ref"), &unique("drain_ref_db")),
     );
-    let (events_s, partitions_s) = (events.to_string(), partitions.to_string());
-    assert_ok(
-        "generate",
-        &sluice(
-            &config,
-            &as_refs(&env),
-            &[
-                "generate",
-                "--events",
-                &events_s,
-                "--partitions",
-                &partitions_s,
-                "--topic",
-                &topic,
-                "--seed",
-                "3",
-            ],
-        ),
-    );
+    generate(&config, &as_refs(&env), &topic, events, partitions, 3);
     for e in [&env, &env_ref] {
         assert_ok("migrate", &sluice(&config, &as_refs(e), &["migrate"]));
     }

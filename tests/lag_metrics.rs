@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    as_refs, assert_ok, command, config_path, end_offsets, sluice, total_rows, write_config,
+    as_refs, assert_ok, command, config_path, end_offsets, generate, sluice, total_rows,
+    write_config,
 };
 use sluice_testkit::{committed_offsets, create_topic, http_get, unique};
 
@@ -51,24 +52,7 @@ async fn lag_and_committed_offsets_show_from_assignment_on_while_windows_hold_th
     // while the test looks.
     write_config(&config, 6000, "", "batch_linger_ms = 100");
     assert_ok("migrate", &sluice(&config, &as_refs(&env), &["migrate"]));
-    assert_ok(
-        "generate",
-        &sluice(
-            &config,
-            &as_refs(&env),
-            &[
-                "generate",
-                "--events",
-                "1900",
-                "--partitions",
-                "4",
-                "--topic",
-                &topic,
-                "--seed",
-                "9",
-            ],
-        ),
-    );
+    generate(&config, &as_refs(&env), &topic, 1900, partitions, 9);
     let mut worker = command(&config, &as_refs(&env), &["run"], "warn")
         .env("ENABLE_HEALTH_ENDPOINT", "true")
         .env("HEALTH_PORT", port.to_string())

@@ -333,6 +333,19 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
         Ok(rows.into_iter().collect())
     }
 
+    /// How many inserts under any of `tokens` the server is running now.
+    async fn running(&self, tokens: &[String]) -> Result<u64, SinkError> {
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        self.client
+            .query("SELECT count() FROM system.processes WHERE Settings['insert_deduplication_token'] IN ?")
+            .bind(tokens)
+            .fetch_one()
+            .await
+            .map_err(classify)
+    }
+
     /// Writes the spans of a [`Batch::recovered`] batch whose batch did not land (see the
     /// type's documentation).
     async fn write_recovered(&self, batch: &Batch<T>) -> Result<(), SinkError> {
@@ -357,6 +370,15 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
             .collect();
         let landed = self.landed(&tokens).await?;
         let landed = |token: &str| landed.get(token).copied().unwrap_or(0);
+        // An earlier owner's insert may still be running (it was killed after sending the
+        // whole body, and ClickHouse is slow): wait for it rather than take its batch for lost.
+        let running = self.running(&tokens).await?;
+        if running > 0 {
+            return Err(SinkError::transient(format!(
+                "{running} insert(s) of an earlier owner into `{}` still running; waiting for them before replaying their batches",
+                self.table
+            )));
+        }
         for (span, rows) in parts {
             if rows.is_empty() {
                 continue;
@@ -370,11 +392,8 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
                     .await?;
                 continue;
             };
-            let (whole, again) = (
-                landed(&group_token(&self.table, b)),
-                landed(&recovery_token(&self.table, b, span)),
-            );
             let token = recovery_token(&self.table, b, span);
+            let (whole, again) = (landed(&group_token(&self.table, b)), landed(&token));
             if whole >= b.items || again >= n {
                 done.landed += n;
             } else if whole == 0 && again == 0 {

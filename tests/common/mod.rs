@@ -176,3 +176,28 @@ pub fn end_offsets(topic: &str, partitions: i32, n: usize) -> std::collections::
     }
     ends
 }
+
+/// `sluice generate` of `events` events with `seed` into `topic` (created with `partitions`),
+/// asserting it succeeded.
+pub fn generate(
+    config: &Path,
+    env: &[(&str, &str)],
+    topic: &str,
+    events: usize,
+    partitions: i32,
+    seed: u64,
+) {
+    let (events, partitions, seed) = (events.to_string(), partitions.to_string(), seed.to_string());
+    let args = [
+        "generate",
+        "--events",
+        &events,
+        "--partitions",
+        &partitions,
+        "--topic",
+        topic,
+        "--seed",
+        &seed,
+    ];
+    assert_ok("generate", &sluice(config, env, &args));
+}
