@@ -803,9 +803,22 @@ impl Worker {
                 tps.push(TopicPartition::new(topic.as_str(), p.id()));
             }
         }
-        // Assigned, not subscribed: the probe joins no group and commits nothing.
-        let probe: BaseConsumer = self.config.client_config().create().ok()?;
-        probe.assign(&tpl).ok()?;
+        // Assigned, not subscribed: the probe joins no group and commits nothing. It only
+        // needs one fetch response per partition, so it pre-fetches as little as it may.
+        let probe: Result<BaseConsumer, _> = self
+            .config
+            .client_config()
+            .set("queued.min.messages", "1")
+            .set("queued.max.messages.kbytes", "1")
+            .set("max.partition.fetch.bytes", "1024")
+            .create();
+        let probe = match probe.and_then(|p| p.assign(&tpl).map(|()| p)) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(source = %self.shared.name, error = %e, "cannot start the consumer that reads the partitions' end offsets; trying again");
+                return None;
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut ends = BTreeMap::new();
         while Instant::now() < deadline {
