@@ -79,8 +79,8 @@ async fn a_drain_covers_every_partition_though_a_dead_member_held_half_of_them()
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stopped cleanly: {text}");
     assert!(
-        !text.contains("partitions assigned"),
-        "stopped before its join completed: {text}"
+        text.contains("stopping before the group join completed"),
+        "stopped during its join: {text}"
     );
 
     // 3. A drain with a timeout shorter than the dead member's session gives up, naming what
@@ -121,5 +121,62 @@ async fn a_drain_covers_every_partition_though_a_dead_member_held_half_of_them()
     );
     assert_eq!(table_digests(&db).await, table_digests(&env_ref[2].1).await);
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&config);
+}
+
+/// A worker stopped 3 s into its group join lets the join complete and then leaves: the next
+/// member gets every partition at the group's next forming. Without that, the broker kept the
+/// stopped joiner as a member, and a worker started after it got nothing for over a minute.
+#[tokio::test]
+async fn a_worker_stopped_during_its_join_leaves_the_group() {
+    let partitions = 4;
+    let topic = unique("join");
+    create_topic(&topic, partitions).await;
+    let config = config_path("sluice_join");
+    std::fs::write(
+        &config,
+        format!("[kafka]\nbrokers = \"{}\"\n", sluice_testkit::brokers()),
+    )
+    .expect("config");
+    let env = vec![
+        ("KAFKA_TOPICS".to_owned(), topic.clone()),
+        ("KAFKA_GROUP_ID".to_owned(), unique("join_group")),
+        ("CLICKHOUSE_DB".to_owned(), unique("join_db")),
+    ];
+    generate(&config, &as_refs(&env), &topic, 2_000, partitions, 4);
+    assert_ok("migrate", &sluice(&config, &as_refs(&env), &["migrate"]));
+    let joining = command(&config, &as_refs(&env), &["run"], "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("worker");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sigterm(joining.id());
+    let out = joining.wait_with_output().expect("reap");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stopped cleanly: {text}");
+    assert!(
+        text.contains("stopping before the group join completed")
+            && text.contains("partitions revoked"),
+        "its join completed and it gave the partitions up: {text}"
+    );
+    // The next member alone: its drain ends well before a stale member's join could expire.
+    let started = Instant::now();
+    let out = command(
+        &config,
+        &as_refs(&env),
+        &["run", "--drain", "--drain-timeout", "60"],
+        "info",
+    )
+    .output()
+    .expect("drain");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the next member drains alone: {text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("partitions assigned") && l.contains("partitions=4")),
+        "it was given every partition: {text}"
+    );
+    eprintln!("drained in {:.0} s", started.elapsed().as_secs_f64());
     let _ = std::fs::remove_file(&config);
 }

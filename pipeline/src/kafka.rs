@@ -163,6 +163,7 @@ impl Source for KafkaSource {
             ledgers: Mutex::new(HashMap::new()),
             paused: std::sync::atomic::AtomicBool::new(false),
             brokers_down: std::sync::atomic::AtomicBool::new(false),
+            joined: std::sync::atomic::AtomicBool::new(false),
             stash: Mutex::new(VecDeque::new()),
             committed: Mutex::new(HashMap::new()),
             drain: Mutex::new(HashMap::new()),
@@ -243,6 +244,8 @@ struct Shared {
     paused: std::sync::atomic::AtomicBool,
     /// Set when librdkafka reports every broker down; cleared once a broker answers again.
     brokers_down: std::sync::atomic::AtomicBool,
+    /// Set once the group join completed (the first assignment, even an empty one).
+    joined: std::sync::atomic::AtomicBool,
     flush: FlushTrigger,
     health: Health,
     revoke_timeout: Duration,
@@ -459,7 +462,12 @@ impl ConsumerContext for SourceCallbacks {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(tpl) => self.shared.assign(consumer, &tpl_partitions(tpl)),
+            Rebalance::Assign(tpl) => {
+                self.shared
+                    .joined
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.shared.assign(consumer, &tpl_partitions(tpl))
+            }
             Rebalance::Revoke(_) => self
                 .shared
                 .health
@@ -627,8 +635,36 @@ impl Worker {
         }
         self.shared.commit(&self.consumer, CommitMode::Sync, None);
         self.update_lag();
+        self.finish_join();
         self.consumer.unsubscribe();
         self.shared.health.set_assigned(false);
+    }
+
+    /// A member stopped while its join is pending has no member id yet, so it cannot leave
+    /// the group: the broker keeps it, and the group waits for it (seen with Tansu: a worker
+    /// started after one that was stopped 3 s into its join got no partitions for over a
+    /// minute). So the join is let complete first, nothing being fetched (the partitions are
+    /// paused), and the worker then leaves the group like any member. Bounded by half the
+    /// session timeout, when the broker forms a group, plus 5 s; a second signal exits at once.
+    fn finish_join(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.shared.joined.load(Ordering::Relaxed)
+            || self.shared.brokers_down.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let session = self
+            .config
+            .client
+            .get("session.timeout.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(45_000u64);
+        let wait = Duration::from_millis(session / 2) + Duration::from_secs(5);
+        tracing::info!(source = %self.shared.name, ?wait, "stopping before the group join completed: letting it complete, so that the worker leaves the group instead of staying a member that never answers");
+        let deadline = Instant::now() + wait;
+        while !self.shared.joined.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let _ = self.consumer.poll(BACKPRESSURE_POLL);
+        }
     }
 
     fn set_paused(&mut self, pause: bool) {
