@@ -951,7 +951,7 @@ async fn probe(
                 .key(&key)
                 .payload(&value)
                 .headers(headers);
-            sluice_pipeline::kafka::send_waiting(&producer, record)?;
+            sluice_pipeline::send_waiting(&producer, record)?;
             if let Some(id) = probe {
                 probes_this_sec.1 += 1;
                 let _ = tx.send((id, Instant::now()));

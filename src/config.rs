@@ -126,10 +126,9 @@ impl KafkaConfig {
     pub fn producer_client(&self) -> Result<rdkafka::ClientConfig, ConfigError> {
         let mut client = rdkafka::ClientConfig::new();
         client.set("bootstrap.servers", &self.brokers);
-        for (k, v) in self.librdkafka_options()? {
-            if !sluice_pipeline::dead_letter::is_consumer_only(&k) {
-                client.set(k, v);
-            }
+        let options = self.librdkafka_options()?;
+        for (k, v) in sluice_pipeline::producer_properties(&options) {
+            client.set(k, v);
         }
         Ok(client)
     }

@@ -182,7 +182,7 @@ fn send(
         .key(key)
         .payload(value)
         .headers(headers);
-    sluice_pipeline::kafka::send_waiting(producer, record)
+    sluice_pipeline::send_waiting(producer, record)
 }
 
 #[cfg(test)]

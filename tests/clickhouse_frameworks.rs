@@ -4,8 +4,8 @@
 
 use clickhouse::Client;
 use sluice_operators::route;
-use sluice_pipeline::ack::PartitionLedger;
-use sluice_pipeline::{Batch, Sink, Span, TopicPartition};
+use sluice_pipeline::testing::PartitionLedger;
+use sluice_pipeline::{Batch, Delivery, Sink, SourceSpan, TopicPartition};
 use sluice_schemas::rows::{StreamEventRow, TrackListRow, ViewerMetricRow};
 use sluice_schemas::{CLICKHOUSE_MIGRATIONS, Event, TableRow, sql_statements};
 use sluice_sinks::ClickHouseSink;
@@ -627,13 +627,13 @@ async fn every_field_form_lands_with_every_column_as_the_contract_says() {
 }
 
 /// A span of partition `p` with `items` rows, cut in `batch`.
-fn span(p: i32, first: i64, items: u64, batch: Option<sluice_pipeline::BatchRef>) -> Span {
-    Span {
+fn span(p: i32, first: i64, items: u64, batch: Option<sluice_pipeline::BatchRef>) -> SourceSpan {
+    SourceSpan {
         tp: TopicPartition::new("analytics_events", p),
         first,
         last: first + items as i64 - 1,
         items,
-        key: 0,
+        window: None,
         across: true,
         batch,
     }
@@ -657,9 +657,9 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
     // Batch A (partitions 0 and 1) lands; it holds rows 0..6, row 3 among them.
     let a_spans = [span(0, 0, 4, None), span(1, 0, 2, None)];
     let a_ref = sluice_pipeline::BatchRef::of(&a_spans, 6);
-    let a_spans: Vec<Span> = a_spans
+    let a_spans: Vec<SourceSpan> = a_spans
         .into_iter()
-        .map(|s| Span {
+        .map(|s| SourceSpan {
             batch: Some(a_ref),
             ..s
         })
@@ -674,9 +674,9 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
     b_rows.extend(rows[6..].iter().cloned());
     let b_spans = [span(0, 4, 3, None), span(2, 0, 4, None)];
     let b_ref = sluice_pipeline::BatchRef::of(&b_spans, 7);
-    let b_spans: Vec<Span> = b_spans
+    let b_spans: Vec<SourceSpan> = b_spans
         .into_iter()
-        .map(|s| Span {
+        .map(|s| SourceSpan {
             batch: Some(b_ref),
             ..s
         })
@@ -684,7 +684,7 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
     let replay = || {
         Batch::unacked(b_rows.clone())
             .with_spans(b_spans.clone())
-            .recovered()
+            .with_delivery(Delivery::Recovered)
     };
     // B's insert still running (its worker was killed after sending it): the replay waits.
     let b_token = sluice_sinks::batch_token(
@@ -722,7 +722,7 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
     for (span, (from, n)) in b_spans.iter().zip([(0, 3), (3, 4)]) {
         let again = Batch::unacked(b_rows[from..from + n].to_vec())
             .with_spans(vec![span.clone()])
-            .recovered();
+            .with_delivery(Delivery::Recovered);
         sink.write(&again).await.expect("second replay of B");
     }
     assert_eq!(count(&client, "stream_events").await, 13, "B's spans once");
@@ -730,7 +730,7 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
     // A replay of the batch that landed writes nothing.
     let again = Batch::unacked(rows[..6].to_vec())
         .with_spans(a_spans)
-        .recovered();
+        .with_delivery(Delivery::Recovered);
     sink.write(&again).await.expect("replay of A");
     assert_eq!(count(&client, "stream_events").await, 13, "A once");
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{as_refs, assert_ok, clickhouse, command, config_path, sluice, write_config};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use sluice_pipeline::kafka::send_waiting;
+use sluice_pipeline::send_waiting;
 use sluice_testkit::{
     brokers, committed_offsets, create_pg_database, create_topic, drop_pg_database, read_all,
     rss_of, unique,

@@ -2,8 +2,8 @@
 //! discarding HTTP server, and pipelines for the runtime micro-benchmarks.
 
 use sluice_pipeline::{
-    Batch, BatchLimits, BatchSource, Pipeline, PipelineConfig, Sink, SinkError, Sourced, Span,
-    SpanLog, TopicPartition,
+    Batch, BatchLimits, BatchSource, Pipeline, PipelineConfig, Sink, SinkError, SourceSpan,
+    Sourced, SpanLog, TopicPartition,
 };
 use sluice_schemas::TableRow;
 use sluice_schemas::rows::{
@@ -73,11 +73,11 @@ pub async fn run_hops(hops: usize, batches: usize, per_batch: usize) -> u64 {
 pub struct NoSpanLog;
 
 impl SpanLog for NoSpanLog {
-    async fn record(&self, _: &[Span]) -> Result<(), SinkError> {
+    async fn record(&self, _: &[SourceSpan]) -> Result<(), SinkError> {
         Ok(())
     }
 
-    async fn load(&self, _: &TopicPartition, _: i64) -> Result<Vec<Span>, SinkError> {
+    async fn load(&self, _: &TopicPartition, _: i64) -> Result<Vec<SourceSpan>, SinkError> {
         Ok(Vec::new())
     }
 }

@@ -1,7 +1,7 @@
 //! `usage_records` for billing: usage facts of each event, summed per tenant and usage type in
 //! event-time windows (the pipeline's window stage does the windowing and exactly-once).
 
-use sluice_pipeline::{Span, WindowAggregate};
+use sluice_pipeline::{SourceSpan, WindowAggregate};
 use sluice_schemas::rows::UsageRow;
 use sluice_schemas::{Event, EventType};
 use uuid::Uuid;
@@ -102,7 +102,7 @@ impl WindowAggregate for UsageWindows {
     /// `usage_details` names the records the sum came from: the window length, the topic,
     /// partition and first offset of the window's span. Two windows' sums are often equal,
     /// their sources never are.
-    fn stamp(&self, row: &mut UsageRow, source: &Span) {
+    fn stamp(&self, row: &mut UsageRow, source: &SourceSpan) {
         row.usage_details = serde_json::json!({
             "window_seconds": self.window_secs,
             "topic": &*source.tp.topic,
@@ -156,12 +156,12 @@ mod tests {
         assert_eq!(row.timestamp as i64, window);
 
         // Equal sums of two spans make different rows, each naming its source.
-        let span = |partition, first| Span {
+        let span = |partition, first| SourceSpan {
             tp: sluice_pipeline::TopicPartition::new("analytics_events", partition),
             first,
             last: first + 9,
             items: 10,
-            key: window,
+            window: Some(window),
             across: true,
             batch: None,
         };

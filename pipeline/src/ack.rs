@@ -88,6 +88,7 @@ impl PartitionLedger {
     }
 
     /// The partition this ledger tracks.
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
     pub fn topic_partition(&self) -> &TopicPartition {
         &self.tp
     }
@@ -238,6 +239,51 @@ impl AckHandle {
     }
 }
 
+/// A partition's start or end of assignment, as the inputs of a stage show them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum AssignmentChange {
+    /// Records of the partition come under a new assignment, from this offset.
+    Assigned(TopicPartition, i64),
+    /// The partition's assignment is over.
+    Revoked(TopicPartition),
+}
+
+/// The assignments a stage has seen, so that it hears of each partition's start and end
+/// (from the acknowledgements of its inputs; it holds no share, so commits never wait for it).
+#[derive(Default)]
+pub(crate) struct AssignmentTracker {
+    seen: std::collections::HashMap<TopicPartition, Arc<PartitionLedger>>,
+}
+
+impl AssignmentTracker {
+    /// What changed since the last input: assignments found over, then new ones in `acks`.
+    pub(crate) fn update(&mut self, acks: &AckSet) -> Vec<AssignmentChange> {
+        let mut changes = Vec::new();
+        self.seen.retain(|tp, ledger| {
+            let over = ledger.revoked.load(Ordering::Acquire);
+            if over {
+                changes.push(AssignmentChange::Revoked(tp.clone()));
+            }
+            !over
+        });
+        for h in acks.handles() {
+            let ledger = &h.node.ledger;
+            if h.is_revoked() || self.seen.get(&ledger.tp).is_some_and(|l| l.id == ledger.id) {
+                continue;
+            }
+            if self
+                .seen
+                .insert(ledger.tp.clone(), ledger.clone())
+                .is_some()
+            {
+                changes.push(AssignmentChange::Revoked(ledger.tp.clone()));
+            }
+            changes.push(AssignmentChange::Assigned(ledger.tp.clone(), h.offsets().0));
+        }
+        changes
+    }
+}
+
 impl Drop for AckHandle {
     fn drop(&mut self) {
         if !self.released {
@@ -314,6 +360,47 @@ impl AckSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tracker_hears_of_assignments_starting_and_ending() {
+        let tp = TopicPartition::new("t", 2);
+        let first = PartitionLedger::new(tp.clone());
+        let mut tracker = AssignmentTracker::default();
+        let mut acks = AckSet::new();
+        acks.push(first.issue(5, 9).unwrap());
+        assert_eq!(
+            tracker.update(&acks),
+            vec![AssignmentChange::Assigned(tp.clone(), 5)]
+        );
+        assert!(tracker.update(&acks).is_empty(), "heard once");
+        first.revoke();
+        assert_eq!(
+            tracker.update(&AckSet::new()),
+            vec![AssignmentChange::Revoked(tp.clone())]
+        );
+        assert!(
+            tracker.update(&acks).is_empty(),
+            "a revoked range is no new assignment"
+        );
+        // Assigned again without the end being seen first: it ends, then starts again.
+        let second = PartitionLedger::new(tp.clone());
+        let third = PartitionLedger::new(tp.clone());
+        let mut next = AckSet::new();
+        next.push(second.issue(10, 10).unwrap());
+        tracker.update(&next);
+        let mut last = AckSet::new();
+        last.push(third.issue(3, 4).unwrap());
+        assert_eq!(
+            tracker.update(&last),
+            vec![
+                AssignmentChange::Revoked(tp.clone()),
+                AssignmentChange::Assigned(tp, 3)
+            ]
+        );
+        for set in [acks, next, last] {
+            set.release();
+        }
+    }
 
     fn ledger() -> Arc<PartitionLedger> {
         PartitionLedger::new(TopicPartition::new("t", 0))

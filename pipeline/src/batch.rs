@@ -2,7 +2,7 @@
 //! of the source records they derive from.
 
 use crate::ack::{AckHandle, AckSet};
-use crate::span::Span;
+use crate::span::SourceSpan;
 use std::sync::Arc;
 
 /// Counts the batches a stage sent that are not dropped yet (a sink drops a batch once it
@@ -26,10 +26,29 @@ pub struct Batch<T> {
     /// The items, in source order within each partition.
     pub items: Vec<T>,
     acks: AckSet,
-    spans: Vec<Span>,
-    replayed: bool,
-    recovered: bool,
+    spans: Vec<SourceSpan>,
+    delivery: Delivery,
     in_flight: Option<InFlight>,
+}
+
+/// What an earlier run may have done with a batch's items, and so how a sink writes them
+/// exactly once (see [`Flow::batch_spans`](crate::Flow::batch_spans)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Delivery {
+    /// Items handed out for the first time, or the tail of a recorded span whose batch was
+    /// written (redelivery began inside it): the batch's identity decides, so a
+    /// deduplicating sink drops a repeat.
+    #[default]
+    Fresh,
+    /// A recorded span cut again whole after a restart or rebalance: an earlier run may have
+    /// written it, in whole or (if the sink crashed meanwhile) in part.
+    Redelivered,
+    /// Redelivered spans of batches that held other spans too (cut across partitions): an
+    /// earlier run may have written them under that batch's identity
+    /// ([`SourceSpan::batch`]), so a sink writes each span's items only if that batch did not
+    /// land. The items are the spans' items in the order of the spans, `items` of each
+    /// ([`Batch::span_items`]).
+    Recovered,
 }
 
 impl<T> Batch<T> {
@@ -39,8 +58,7 @@ impl<T> Batch<T> {
             items,
             acks,
             spans: Vec::new(),
-            replayed: false,
-            recovered: false,
+            delivery: Delivery::Fresh,
             in_flight: None,
         }
     }
@@ -53,8 +71,7 @@ impl<T> Batch<T> {
             items,
             acks,
             spans: Vec::new(),
-            replayed: false,
-            recovered: false,
+            delivery: Delivery::Fresh,
             in_flight: None,
         }
     }
@@ -66,16 +83,20 @@ impl<T> Batch<T> {
 
     /// The same batch marked as cut from exactly `spans` (see [`Flow::batch_spans`](crate::Flow::batch_spans)):
     /// one span, or one per partition for a batch cut across partitions.
-    pub fn with_spans(mut self, spans: Vec<Span>) -> Self {
+    pub fn with_spans(mut self, spans: Vec<SourceSpan>) -> Self {
         self.spans = spans;
         self
     }
 
-    /// The same batch marked as a recorded span cut again whole after a restart or rebalance:
-    /// an earlier run may have written it, in whole or (if the sink crashed meanwhile) in part.
-    pub fn replayed(mut self) -> Self {
-        self.replayed = true;
+    /// The same batch with `delivery`.
+    pub fn with_delivery(mut self, delivery: Delivery) -> Self {
+        self.delivery = delivery;
         self
+    }
+
+    /// What an earlier run may have done with the items.
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
     }
 
     /// The same batch counted in `in_flight` until it is dropped.
@@ -84,36 +105,15 @@ impl<T> Batch<T> {
         self
     }
 
-    /// Whether the batch is a recorded span cut again (see [`Batch::replayed`]).
-    pub fn is_replay(&self) -> bool {
-        self.replayed
-    }
-
-    /// The same batch marked as redelivered records whose earlier batch held other records
-    /// too (a batch cut across partitions): an earlier run may have written them, under that
-    /// batch's identity ([`Span::batch`]), so a sink writes each span's items only if that
-    /// batch did not land. Its items are its spans' items in the order of its spans, `items`
-    /// of each ([`Batch::span_items`]).
-    pub fn recovered(mut self) -> Self {
-        self.recovered = true;
-        self
-    }
-
-    /// Whether the batch holds redelivered spans of batches that may have landed (see
-    /// [`Batch::recovered`]).
-    pub fn is_recovered(&self) -> bool {
-        self.recovered
-    }
-
-    /// The source spans the batch was cut from, if a span batcher cut it (empty otherwise):
-    /// its items are exactly those derived from the spans' records.
-    pub fn spans(&self) -> &[Span] {
+    /// The source spans the batch was cut from, if a span-cutting stage cut it (empty
+    /// otherwise): its items are exactly those derived from the spans' records.
+    pub fn spans(&self) -> &[SourceSpan] {
         &self.spans
     }
 
     /// Each span with its items, for a batch whose items are its spans' in order (a
-    /// [`Batch::recovered`] one); `None` if the spans' counts do not add up to the items.
-    pub fn span_items(&self) -> Option<Vec<(&Span, &[T])>> {
+    /// [`Delivery::Recovered`] one); `None` if the spans' counts do not add up to the items.
+    pub fn span_items(&self) -> Option<Vec<(&SourceSpan, &[T])>> {
         let mut rest = &self.items[..];
         let mut out = Vec::with_capacity(self.spans.len());
         for span in &self.spans {
@@ -150,8 +150,7 @@ impl<T> Batch<T> {
             items,
             acks: self.acks,
             spans: self.spans,
-            replayed: self.replayed,
-            recovered: self.recovered,
+            delivery: self.delivery,
             in_flight: self.in_flight,
         }
     }

@@ -57,11 +57,8 @@ impl DeadLetterSink {
             // Whatever the source topic held must fit (the broker may still refuse it: then
             // the value is cut, see `write`).
             .set("message.max.bytes", "16777216");
-        for (k, v) in options {
-            // Consumer-only properties would make the producer refuse to start.
-            if !is_consumer_only(k) {
-                config.set(k, v);
-            }
+        for (k, v) in producer_properties(options) {
+            config.set(k, v);
         }
         Ok(Self {
             producer: config.create()?,
@@ -75,8 +72,16 @@ impl DeadLetterSink {
     }
 }
 
+/// The librdkafka properties of `options` a producer takes (TLS, SASL, …): consumer-only ones
+/// would make a producer refuse to start.
+pub fn producer_properties<'a>(
+    options: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> impl Iterator<Item = (&'a String, &'a String)> {
+    options.into_iter().filter(|(k, _)| !is_consumer_only(k))
+}
+
 /// Whether a librdkafka property applies to consumers only (a producer warns about it).
-pub fn is_consumer_only(key: &str) -> bool {
+fn is_consumer_only(key: &str) -> bool {
     key.starts_with("group.")
         || key.starts_with("fetch.")
         || key.starts_with("queued.")

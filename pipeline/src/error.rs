@@ -98,6 +98,24 @@ pub enum PipelineError {
         "shutdown deadline of {0:?} passed before every stage flushed; committed only what was written"
     )]
     DrainDeadline(std::time::Duration),
+    /// Items of one partition reached a span-cutting stage out of offset order: a stage with
+    /// several workers between the keyed split and it reorders them, and cuts along offsets
+    /// would no longer be the same in every run.
+    #[error(
+        "stage `{stage}`: partition {partition} offset {offset} came after offset {after}; \
+         items must reach a span batcher or window in offset order (keep one worker, or \
+         `apply_keyed` by partition, between the keyed split and it)"
+    )]
+    OutOfOrder {
+        /// Stage name.
+        stage: Arc<str>,
+        /// The partition.
+        partition: crate::ack::TopicPartition,
+        /// The offset that came late.
+        offset: i64,
+        /// The highest offset seen before it.
+        after: i64,
+    },
     /// Invalid pipeline configuration.
     #[error("invalid configuration `{key}`: {message}")]
     Config {

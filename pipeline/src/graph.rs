@@ -736,21 +736,21 @@ impl<T: Send + 'static> Flow<T> {
 }
 
 impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
-    /// Aggregates items into event-time tumbling windows per source partition (see
-    /// [`crate::window`]): each window's rows leave as one batch whose [`Batch::spans`] names
-    /// the partition, window and records it was cut from, recorded in `log` first, so a
+    /// Aggregates items into event-time tumbling windows per source partition: each window's
+    /// rows leave as one batch whose [`Batch::spans`] names the partition, window and records
+    /// it was cut from, recorded in `log` first, so a
     /// deduplicating sink writes every window row exactly once across crashes and rebalances.
     ///
     /// Needs each partition's items in offset order (a keyed split).
     pub fn window<A, L>(
         self,
         stage: impl Into<Stage>,
-        spec: crate::window::WindowSpec,
+        spec: crate::span::WindowSpec,
         agg: A,
         log: L,
     ) -> Flow<A::Out>
     where
-        A: crate::window::WindowAggregate<In = T>,
+        A: crate::span::WindowAggregate<In = T>,
         L: crate::span::SpanLog,
     {
         self.windows(stage.into(), spec, agg, log, None)
@@ -758,22 +758,22 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
 
     /// As [`Flow::window`], but closed windows of every partition wait up to
     /// `limits.max_linger` (or until they hold `limits.max_rows` rows) and leave as one batch
-    /// naming all their spans (each marked [`Span::across`](crate::Span::across)): one write per
+    /// naming all their spans (each marked [`SourceSpan::across`](crate::SourceSpan::across)): one write per
     /// linger when many windows close at once (a backlog), instead of one per window and
-    /// partition. Replays of such spans leave as [`Batch::recovered`] batches (see
+    /// partition. Replays of such spans leave as [`Delivery::Recovered`](crate::Delivery::Recovered) batches (see
     /// [`Flow::batch_spans_across`]), checked row by row against what the sink holds, so no
     /// two windows' rows may be identical: sums often are, so mark rows with their source
-    /// ([`WindowAggregate::stamp`](crate::window::WindowAggregate::stamp)).
+    /// ([`WindowAggregate::stamp`](crate::span::WindowAggregate::stamp)).
     pub fn window_across<A, L>(
         self,
         stage: impl Into<Stage>,
-        spec: crate::window::WindowSpec,
+        spec: crate::span::WindowSpec,
         agg: A,
         log: L,
         limits: BatchLimits,
     ) -> Flow<A::Out>
     where
-        A: crate::window::WindowAggregate<In = T>,
+        A: crate::span::WindowAggregate<In = T>,
         L: crate::span::SpanLog,
     {
         self.windows(stage.into(), spec, agg, log, Some(limits))
@@ -782,17 +782,17 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     fn windows<A, L>(
         self,
         stage: Stage,
-        spec: crate::window::WindowSpec,
+        spec: crate::span::WindowSpec,
         agg: A,
         log: L,
         gather: Option<BatchLimits>,
     ) -> Flow<A::Out>
     where
-        A: crate::window::WindowAggregate<In = T>,
+        A: crate::span::WindowAggregate<In = T>,
         L: crate::span::SpanLog,
     {
         self.span_stage(stage, log, |io, input, flush| {
-            let windower = crate::window::Windower {
+            let windower = crate::span::Windower {
                 io,
                 spec,
                 agg,
@@ -854,11 +854,11 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     /// As [`Flow::batch_spans`], but every cut takes the rows of all partitions together
     /// (`limits` apply to their sum), so a sink gets one batch per linger or per `max_rows`
     /// whatever the number of partitions. Each batch names one span per partition
-    /// ([`Batch::spans`]), each marked [`Span::across`](crate::Span::across).
+    /// ([`Batch::spans`]), each marked [`SourceSpan::across`](crate::SourceSpan::across).
     ///
     /// Such a batch cannot be cut again after a crash, because its other partitions may go to
     /// other workers: redelivered records whose span was recorded go out as
-    /// [`Batch::recovered`] batches (written only if their batch did not land), or, when redelivery
+    /// [`Delivery::Recovered`](crate::Delivery::Recovered) batches (written only if their batch did not land), or, when redelivery
     /// starts inside a span (its batch was acknowledged), are not written again.
     pub fn batch_spans_across<F, L>(
         self,

@@ -27,36 +27,41 @@
 //! # let _ = pipeline.run();
 //! ```
 
-pub mod ack;
-pub mod batch;
-pub mod dead_letter;
-pub mod error;
-pub mod graph;
+mod ack;
+mod batch;
+mod dead_letter;
+mod error;
+mod graph;
 pub mod http;
-pub mod kafka;
-pub mod lifecycle;
-pub mod metrics;
-pub mod operator;
-pub mod retry;
-pub mod sources;
-pub mod span;
-pub mod split;
-pub mod stages;
-pub mod window;
+mod kafka;
+mod lifecycle;
+mod metrics;
+mod operator;
+mod retry;
+mod sources;
+mod span;
+mod split;
+mod stages;
 
 pub use ack::{AckHandle, AckSet, TopicPartition};
-pub use batch::Batch;
-pub use dead_letter::{DeadLetter, DeadLetterSink};
+pub use batch::{Batch, Delivery};
+pub use dead_letter::{DeadLetter, DeadLetterSink, producer_properties};
 pub use error::{BoxError, ErrorKind, PipelineError, SinkError};
 pub use graph::{
     Flow, FlushTrigger, Pipeline, PipelineConfig, PipelineHandle, Source, SourceContext, Stage,
 };
-pub use kafka::{KafkaRecord, KafkaSource, KafkaSourceConfig};
+pub use kafka::{KafkaRecord, KafkaSource, KafkaSourceConfig, send_waiting};
 pub use lifecycle::{Health, Shutdown, shutdown_on_signals};
 pub use operator::{AsyncOperator, Operator, Sink};
 pub use retry::RetryPolicy;
 pub use sources::BatchSource;
-pub use span::{BatchRef, Sourced, Span, SpanLog};
+pub use span::{BatchRef, SourceSpan, Sourced, SpanLog, WindowAggregate, WindowSpec};
 pub use split::{Emit, Port, Split};
 pub use stages::{BatchLimits, Output};
-pub use window::{WindowAggregate, WindowSpec};
+
+/// Helpers for tests of sources, stages and sinks outside this crate: acknowledgements issued
+/// by hand, as the Kafka source issues them (enable the `test-util` feature).
+#[cfg(feature = "test-util")]
+pub mod testing {
+    pub use crate::ack::PartitionLedger;
+}

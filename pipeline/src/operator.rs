@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::marker::PhantomData;
 
+use crate::ack::TopicPartition;
 use crate::batch::Batch;
 use crate::error::{BoxError, SinkError};
 
@@ -19,6 +20,17 @@ pub trait Operator: Send + 'static {
 
     /// Processes one micro-batch, pushing results to `out` (which arrives empty).
     fn process(&mut self, input: Vec<Self::In>, out: &mut Vec<Self::Out>) -> Result<(), BoxError>;
+
+    /// Called before the first input that holds records of `partition` under a new
+    /// assignment, with the offset they start at: where state kept per partition is restored
+    /// from (it must reflect exactly the records before `from`). An `Err` stops the pipeline.
+    fn assigned(&mut self, _partition: &TopicPartition, _from: i64) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    /// Called at the first input after `partition`'s assignment ended (revoked or lost): what
+    /// is kept for it belongs to its next owner now.
+    fn revoked(&mut self, _partition: &TopicPartition) {}
 }
 
 /// An asynchronous operator, for stages that need I/O (lookups, enrichment services).
@@ -33,6 +45,19 @@ pub trait AsyncOperator: Send + 'static {
         &mut self,
         input: Vec<Self::In>,
     ) -> impl Future<Output = Result<Vec<Self::Out>, BoxError>> + Send;
+
+    /// As [`Operator::assigned`]: state kept per partition is restored here (e.g. read back
+    /// from a store as of offset `from`).
+    fn assigned(
+        &mut self,
+        _partition: &TopicPartition,
+        _from: i64,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// As [`Operator::revoked`].
+    fn revoked(&mut self, _partition: &TopicPartition) {}
 }
 
 /// The end of a branch: writes batches durably.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::ack::AckSet;
+use crate::ack::{AckSet, AssignmentChange, AssignmentTracker};
 use crate::batch::Batch;
 use crate::error::PipelineError;
 use crate::lifecycle::Health;
@@ -114,15 +114,22 @@ pub(crate) async fn run_operator<O: Operator>(
     out: Output<O::Out>,
 ) -> Result<(), PipelineError> {
     let c = Counters::new(&stage);
+    let mut assignments = AssignmentTracker::default();
+    let failed = |source| PipelineError::Operator {
+        stage: stage.clone(),
+        source,
+    };
     while let Some(batch) = input.recv().await {
         c.items_in.increment(batch.len() as u64);
         let (items, acks) = batch.into_parts();
+        for change in assignments.update(&acks) {
+            match change {
+                AssignmentChange::Assigned(tp, from) => op.assigned(&tp, from).map_err(failed)?,
+                AssignmentChange::Revoked(tp) => op.revoked(&tp),
+            }
+        }
         let mut produced = Vec::with_capacity(items.len());
-        op.process(items, &mut produced)
-            .map_err(|source| PipelineError::Operator {
-                stage: stage.clone(),
-                source,
-            })?;
+        op.process(items, &mut produced).map_err(failed)?;
         emit(&out, produced, acks, &c).await?;
     }
     Ok(())
@@ -135,16 +142,23 @@ pub(crate) async fn run_async_operator<O: AsyncOperator>(
     out: Output<O::Out>,
 ) -> Result<(), PipelineError> {
     let c = Counters::new(&stage);
+    let mut assignments = AssignmentTracker::default();
+    let failed = |source| PipelineError::Operator {
+        stage: stage.clone(),
+        source,
+    };
     while let Some(batch) = input.recv().await {
         c.items_in.increment(batch.len() as u64);
         let (items, acks) = batch.into_parts();
-        let produced = op
-            .process(items)
-            .await
-            .map_err(|source| PipelineError::Operator {
-                stage: stage.clone(),
-                source,
-            })?;
+        for change in assignments.update(&acks) {
+            match change {
+                AssignmentChange::Assigned(tp, from) => {
+                    op.assigned(&tp, from).await.map_err(failed)?
+                }
+                AssignmentChange::Revoked(tp) => op.revoked(&tp),
+            }
+        }
+        let produced = op.process(items).await.map_err(failed)?;
         emit(&out, produced, acks, &c).await?;
     }
     Ok(())

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_pipeline::ack::PartitionLedger;
+use sluice_pipeline::testing::PartitionLedger;
 use sluice_pipeline::{
     Batch, BatchLimits, BatchSource, Pipeline, PipelineConfig, PipelineError, RetryPolicy, Sink,
     SinkError, Stage, TopicPartition,
@@ -401,10 +401,10 @@ async fn async_operator_and_merge_of_branches() {
 
 /// A span log in memory, preloaded with what an earlier run recorded.
 #[derive(Clone, Default)]
-struct MemorySpanLog(Arc<Mutex<Vec<sluice_pipeline::Span>>>);
+struct MemorySpanLog(Arc<Mutex<Vec<sluice_pipeline::SourceSpan>>>);
 
 impl sluice_pipeline::SpanLog for MemorySpanLog {
-    async fn record(&self, spans: &[sluice_pipeline::Span]) -> Result<(), SinkError> {
+    async fn record(&self, spans: &[sluice_pipeline::SourceSpan]) -> Result<(), SinkError> {
         self.0.lock().unwrap().extend_from_slice(spans);
         Ok(())
     }
@@ -413,7 +413,7 @@ impl sluice_pipeline::SpanLog for MemorySpanLog {
         &self,
         tp: &TopicPartition,
         from: i64,
-    ) -> Result<Vec<sluice_pipeline::Span>, SinkError> {
+    ) -> Result<Vec<sluice_pipeline::SourceSpan>, SinkError> {
         let spans = self.0.lock().unwrap();
         Ok(spans
             .iter()
@@ -432,10 +432,11 @@ impl Sink for SpanRecorder {
 
     async fn write(&mut self, batch: &Batch<u64>) -> Result<(), SinkError> {
         let span = batch.spans().first().expect("a span batch");
-        self.0
-            .lock()
-            .unwrap()
-            .push((span.first, span.last, batch.is_replay()));
+        self.0.lock().unwrap().push((
+            span.first,
+            span.last,
+            batch.delivery() == sluice_pipeline::Delivery::Redelivered,
+        ));
         Ok(())
     }
 }
@@ -445,12 +446,12 @@ impl Sink for SpanRecorder {
 async fn cut_after_earlier_run(start: i64) -> Vec<(i64, i64, bool)> {
     let tp = TopicPartition::new("t", 0);
     let log = MemorySpanLog::default();
-    log.0.lock().unwrap().push(sluice_pipeline::Span {
+    log.0.lock().unwrap().push(sluice_pipeline::SourceSpan {
         tp: tp.clone(),
         first: 0,
         last: 9,
         items: 10,
-        key: 0,
+        window: None,
         across: false,
         batch: None,
     });
@@ -501,4 +502,120 @@ async fn spans_cut_again_whole_are_marked_as_replays_and_tails_and_fresh_ones_ar
         cut_after_earlier_run(5).await,
         vec![(0, 9, false), (10, 29, false)]
     );
+}
+
+/// Reverses each micro-batch: a stage that breaks the offset order of a partition.
+struct Reverse;
+
+impl sluice_pipeline::Operator for Reverse {
+    type In = sluice_pipeline::Sourced<u64>;
+    type Out = sluice_pipeline::Sourced<u64>;
+
+    fn process(
+        &mut self,
+        mut input: Vec<Self::In>,
+        out: &mut Vec<Self::Out>,
+    ) -> Result<(), sluice_pipeline::BoxError> {
+        input.reverse();
+        out.extend(input);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_span_batcher_refuses_items_out_of_offset_order() {
+    let tp = TopicPartition::new("t", 3);
+    let ledger = PartitionLedger::new(tp.clone());
+    let items = (0..10)
+        .map(|i| sluice_pipeline::Sourced::new(&tp, i, i as u64))
+        .collect();
+    let batch = Batch::from_handle(items, ledger.issue(0, 9).expect("in order"));
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    pipeline
+        .source("source", BatchSource::new([batch]))
+        .apply("reorder", || Reverse)
+        .batch_spans(
+            "batch",
+            BatchLimits::default(),
+            |_| 1,
+            MemorySpanLog::default(),
+        )
+        .sink("sink", sluice_testkit::CollectSink::<u64>::new);
+    let e = pipeline.run().await.expect_err("out of order");
+    let message = e.to_string();
+    assert!(
+        matches!(
+            e,
+            PipelineError::OutOfOrder {
+                offset: 8,
+                after: 9,
+                ..
+            }
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("t/3") && message.contains("batch"),
+        "{message}"
+    );
+    assert_eq!(
+        ledger.committable(),
+        None,
+        "nothing past the refused items is committed"
+    );
+}
+
+/// Passes items on and notes what it hears of assignments.
+struct Stateful(Arc<Mutex<Vec<String>>>);
+
+impl sluice_pipeline::Operator for Stateful {
+    type In = u64;
+    type Out = u64;
+
+    fn process(
+        &mut self,
+        input: Vec<u64>,
+        out: &mut Vec<u64>,
+    ) -> Result<(), sluice_pipeline::BoxError> {
+        out.extend(input);
+        Ok(())
+    }
+
+    fn assigned(
+        &mut self,
+        tp: &TopicPartition,
+        from: i64,
+    ) -> Result<(), sluice_pipeline::BoxError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("assigned {tp} from {from}"));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_operator_hears_where_each_assignment_starts() {
+    let (a, b) = (
+        PartitionLedger::new(TopicPartition::new("t", 0)),
+        PartitionLedger::new(TopicPartition::new("t", 1)),
+    );
+    let batches = vec![
+        Batch::from_handle(vec![1, 2], a.issue(7, 8).unwrap()),
+        Batch::from_handle(vec![3], b.issue(0, 0).unwrap()),
+        Batch::from_handle(vec![4], a.issue(9, 9).unwrap()),
+    ];
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let h = heard.clone();
+    let pipeline = Pipeline::new(PipelineConfig::default());
+    pipeline
+        .source("source", BatchSource::new(batches))
+        .apply("stateful", move || Stateful(h.clone()))
+        .sink("sink", sluice_testkit::CollectSink::<u64>::new);
+    pipeline.run().await.expect("runs");
+    assert_eq!(
+        *heard.lock().unwrap(),
+        vec!["assigned t/0 from 7", "assigned t/1 from 0"]
+    );
+    assert_eq!((a.committable(), b.committable()), (Some(10), Some(1)));
 }

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use clickhouse::{Client, RowOwned, RowWrite};
 use std::collections::HashMap;
 
-use sluice_pipeline::{AckSet, Batch, BatchRef, Sink, SinkError, Span, SpanLog, TopicPartition};
+use sluice_pipeline::{
+    AckSet, Batch, BatchRef, Delivery, Sink, SinkError, SourceSpan, SpanLog, TopicPartition,
+};
 use tokio::sync::oneshot;
 
 /// ClickHouse error codes a retry may fix: overload, timeouts, network, too many parts,
@@ -74,13 +76,13 @@ pub fn classify(err: clickhouse::error::Error) -> SinkError {
 }
 
 /// The deduplication token of a batch for `table`: the batch it was cut as when it held
-/// several spans ([`Span::batch`]); its one span when a span batcher cut it from one
+/// several spans ([`SourceSpan::batch`]); its one span when a span batcher cut it from one
 /// partition (the same in every run, replays after a crash included); else every source
 /// range it derives from (the same for retries within one run).
 pub fn batch_token<T>(table: &str, batch: &Batch<T>) -> String {
     match batch.spans() {
         [] => dedup_token(table, batch.acks()),
-        [s, ..] if s.batch.is_some() && !batch.is_recovered() => {
+        [s, ..] if s.batch.is_some() && batch.delivery() != Delivery::Recovered => {
             group_token(table, s.batch.as_ref().expect("checked"))
         }
         [s] => span_token(table, s),
@@ -100,8 +102,8 @@ fn group_token(table: &str, batch: &BatchRef) -> String {
 }
 
 /// The token of one span's rows.
-fn span_token(table: &str, s: &Span) -> String {
-    match s.key {
+fn span_token(table: &str, s: &SourceSpan) -> String {
+    match s.window_key() {
         0 => format!(
             "{table}|{}:{}:{}-{}",
             s.tp.topic, s.tp.partition, s.first, s.last
@@ -114,13 +116,13 @@ fn span_token(table: &str, s: &Span) -> String {
 }
 
 /// The token under which a span of a batch that did not land is written alone.
-fn recovery_token(table: &str, batch: &BatchRef, s: &Span) -> String {
+fn recovery_token(table: &str, batch: &BatchRef, s: &SourceSpan) -> String {
     format!(
         "{}|{}:{}:{}:{}-{}",
         group_token(table, batch),
         s.tp.topic,
         s.tp.partition,
-        s.key,
+        s.window_key(),
         s.first,
         s.last
     )
@@ -153,7 +155,7 @@ fn token_of(table: &str, mut ranges: Vec<String>) -> String {
 ///
 /// Every insert carries a deduplication token, and the table's landing view
 /// ([`landing_view`]) records in [`LANDINGS_TABLE`] how many rows landed under each token, in
-/// the same insert. After a crash, a [`Batch::recovered`] batch (redelivered records whose
+/// the same insert. After a crash, a [`Delivery::Recovered`] batch (redelivered records whose
 /// earlier batch also held other partitions' records) asks it whether that batch landed:
 /// spans of a batch that landed are skipped, spans of one that did not are inserted under a
 /// token of their own, whatever the rows contain (two records with identical rows are two
@@ -261,7 +263,7 @@ where
     type Item = T;
 
     async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
-        if batch.is_recovered() {
+        if batch.delivery() == Delivery::Recovered {
             return self.write_recovered(batch).await;
         }
         let token = batch_token(&self.table, batch);
@@ -275,7 +277,7 @@ where
         // A span cut again whole may have been in flight when ClickHouse crashed in an earlier
         // run: unless its landing shows it whole, compare rows.
         let check = interrupted
-            || (batch.is_replay()
+            || (batch.delivery() == Delivery::Redelivered
                 && self
                     .landed(std::slice::from_ref(&token))
                     .await?
@@ -346,7 +348,7 @@ impl<T: RowOwned + RowWrite> ClickHouseSink<T> {
             .map_err(classify)
     }
 
-    /// Writes the spans of a [`Batch::recovered`] batch whose batch did not land (see the
+    /// Writes the spans of a [`Delivery::Recovered`] batch whose batch did not land (see the
     /// type's documentation).
     async fn write_recovered(&self, batch: &Batch<T>) -> Result<(), SinkError> {
         let mut done = Recovery::default();
@@ -621,7 +623,7 @@ impl ClickHouseSpanLog {
 }
 
 impl SpanLog for ClickHouseSpanLog {
-    async fn record(&self, spans: &[Span]) -> Result<(), SinkError> {
+    async fn record(&self, spans: &[SourceSpan]) -> Result<(), SinkError> {
         let rows = spans
             .iter()
             .map(|s| SpanRecord {
@@ -632,7 +634,7 @@ impl SpanLog for ClickHouseSpanLog {
                 first_offset: s.first,
                 last_offset: s.last,
                 items: s.items,
-                span_key: s.key,
+                span_key: s.window_key(),
                 across: s.across,
                 batch_id: s.batch.map_or(0, |b| b.id),
                 batch_items: s.batch.map_or(0, |b| b.items),
@@ -669,7 +671,7 @@ impl SpanLog for ClickHouseSpanLog {
         }
     }
 
-    async fn load(&self, tp: &TopicPartition, from: i64) -> Result<Vec<Span>, SinkError> {
+    async fn load(&self, tp: &TopicPartition, from: i64) -> Result<Vec<SourceSpan>, SinkError> {
         type Recorded = (i64, i64, u64, i64, bool, u128, u64);
         let rows: Vec<Recorded> = self
             .client
@@ -689,18 +691,20 @@ impl SpanLog for ClickHouseSpanLog {
             .map_err(classify)?;
         Ok(rows
             .into_iter()
-            .map(|(first, last, items, key, across, id, batch_items)| Span {
-                tp: tp.clone(),
-                first,
-                last,
-                items,
-                key,
-                across,
-                batch: (id != 0).then_some(BatchRef {
-                    id,
-                    items: batch_items,
-                }),
-            })
+            .map(
+                |(first, last, items, key, across, id, batch_items)| SourceSpan {
+                    tp: tp.clone(),
+                    first,
+                    last,
+                    items,
+                    window: (key != 0).then_some(key),
+                    across,
+                    batch: (id != 0).then_some(BatchRef {
+                        id,
+                        items: batch_items,
+                    }),
+                },
+            )
             .collect())
     }
 }
@@ -709,7 +713,7 @@ impl SpanLog for ClickHouseSpanLog {
 mod tests {
     use super::*;
     use sluice_pipeline::TopicPartition;
-    use sluice_pipeline::ack::PartitionLedger;
+    use sluice_pipeline::testing::PartitionLedger;
 
     #[test]
     fn error_codes_sort_into_transient_and_permanent() {

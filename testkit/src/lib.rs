@@ -104,7 +104,7 @@ pub fn produce(topic: &str, partitions: i32, n: usize, value: impl Fn(usize) -> 
             .payload(&payload)
             .partition((i % partitions as usize) as i32)
             .headers(headers);
-        sluice_pipeline::kafka::send_waiting(&producer, record)
+        sluice_pipeline::send_waiting(&producer, record)
             .unwrap_or_else(|e| panic!("produce record {i}: {e}"));
     }
     producer

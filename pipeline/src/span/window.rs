@@ -2,25 +2,45 @@
 //! are aggregated by key; a window closes when the partition's watermark (the latest event
 //! time seen, minus the allowed lateness) passes its end, or after a wall-clock bound. Late
 //! items are never dropped: they open the window again and close it at once, as one more row
-//! per key. Each cut is recorded in a [`SpanLog`] before it moves on (key = window start), so
+//! per key. Each cut is recorded in a [`SpanLog`] before it moves on (with its window), so
 //! records redelivered after a crash are cut into the same windows at the same places and a
 //! deduplicating sink writes each window row once.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::core::{Cut, Parts};
+use super::io::{Cuts, SpanIo};
+use super::{SourceSpan, Sourced, SpanLog};
 use crate::ack::{AckSet, TopicPartition};
 use crate::batch::Batch;
 use crate::error::PipelineError;
 use crate::metrics as m;
-use crate::span::{Assignments, Cut, Cuts, Sourced, Span, SpanIo, SpanLog, replay_plan, shares_of};
 use crate::stages::{BatchLimits, Input, sleep_until_opt};
 
 /// How items aggregate into window rows.
+///
+/// ```
+/// use sluice_pipeline::WindowAggregate;
+///
+/// /// Bytes per tenant and minute, from (event time, tenant, bytes) items.
+/// struct BytesPerTenant;
+///
+/// impl WindowAggregate for BytesPerTenant {
+///     type In = (i64, String, u64);
+///     type Key = String;
+///     type Acc = u64;
+///     type Out = (i64, String, u64);
+///     fn event_time(&self, item: &Self::In) -> i64 { item.0 }
+///     fn key(&self, item: &Self::In) -> String { item.1.clone() }
+///     fn add(&self, acc: &mut u64, item: &Self::In) { *acc += item.2 }
+///     fn finish(&self, start: i64, tenant: String, bytes: u64) -> Self::Out { (start, tenant, bytes) }
+/// }
+/// ```
 pub trait WindowAggregate: Send + Sync + 'static {
     /// What is aggregated.
     type In: Send + 'static;
@@ -45,10 +65,10 @@ pub trait WindowAggregate: Send + Sync + 'static {
 
     /// Marks a finished row with the span of records it was aggregated from (the same span
     /// when a replay cuts the window again). Rows that leave gathered
-    /// ([`Flow::window_across`](crate::Flow::window_across)) are replayed by comparing rows,
-    /// so rows of different windows must differ: the span's partition and first offset make
-    /// them. By default rows are left as they are.
-    fn stamp(&self, _row: &mut Self::Out, _source: &Span) {}
+    /// ([`Flow::window_across`](crate::Flow::window_across)) are compared row by row after a
+    /// ClickHouse crash during their insert, so rows of different windows must differ: the
+    /// span's partition and first offset make them. By default rows are left as they are.
+    fn stamp(&self, _row: &mut Self::Out, _source: &SourceSpan) {}
 }
 
 /// Window length, lateness and the wall-clock bound.
@@ -73,60 +93,6 @@ impl Default for WindowSpec {
     }
 }
 
-/// The aggregates of one window of one partition since its last cut.
-struct Pane<K, A> {
-    accs: HashMap<K, A>,
-    first: i64,
-    last: i64,
-    items: u64,
-    acks: AckSet,
-    acks_seq: u64,
-    opened: Instant,
-}
-
-impl<K, A> Pane<K, A> {
-    fn new(offset: i64) -> Self {
-        Self {
-            accs: HashMap::new(),
-            first: offset,
-            last: offset,
-            items: 0,
-            acks: AckSet::new(),
-            acks_seq: 0,
-            opened: Instant::now(),
-        }
-    }
-
-    fn holds(&self, span: &Span) -> bool {
-        span.first <= self.first && self.first <= span.last
-    }
-}
-
-/// One partition under one assignment.
-struct Part<K, A> {
-    assignment: u64,
-    /// Latest event time seen.
-    max_time: i64,
-    /// Highest offset seen.
-    seen: i64,
-    panes: BTreeMap<i64, Pane<K, A>>,
-    /// Recorded spans still to cut again, per window, in offset order.
-    plans: HashMap<i64, VecDeque<Span>>,
-}
-
-impl<K, A> Part<K, A> {
-    fn replaying(&self, window: i64) -> Option<&Span> {
-        let pane = self.panes.get(&window)?;
-        self.plans.get(&window)?.front().filter(|p| pane.holds(p))
-    }
-
-    fn is_revoked(&self) -> bool {
-        self.panes
-            .values()
-            .any(|p| p.acks.handles().iter().any(|h| h.is_revoked()))
-    }
-}
-
 /// The window task behind [`Flow::window`](crate::Flow::window).
 pub(crate) struct Windower<A: WindowAggregate, L> {
     pub(crate) io: SpanIo<A::Out, L>,
@@ -144,26 +110,26 @@ struct Ready<T> {
     since: Option<Instant>,
 }
 
-struct State<K, A> {
-    parts: HashMap<TopicPartition, Part<K, A>>,
-    /// Partitions whose held records were last reported non-zero.
-    reported: Vec<TopicPartition>,
-    seq: u64,
-    length: i64,
-    lateness: i64,
+impl<T> Default for Ready<T> {
+    fn default() -> Self {
+        Self {
+            cuts: Vec::new(),
+            rows: 0,
+            since: None,
+        }
+    }
 }
 
-impl<K, A> State<K, A> {
-    /// Drops what is held of assignments that are over: never written, so never twice.
-    fn purge_revoked(&mut self) {
-        self.parts.retain(|tp, p| {
-            let keep = !p.is_revoked();
-            if !keep {
-                tracing::debug!(partition = %tp, windows = p.panes.len(), "dropped windows of a revoked assignment; the next owner writes them");
-            }
-            keep
-        });
-    }
+/// A window pane: one aggregate per key.
+type Accs<A> = HashMap<<A as WindowAggregate>::Key, <A as WindowAggregate>::Acc>;
+
+/// The windows of every partition.
+pub(crate) struct State<A: WindowAggregate> {
+    parts: Parts<Accs<A>>,
+    /// Partitions whose held records were last reported non-zero.
+    reported: Vec<TopicPartition>,
+    length: i64,
+    lateness: i64,
 }
 
 impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
@@ -175,25 +141,37 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
         self.io.drive(|cuts| self.cut(input, flush, cuts)).await
     }
 
+    fn state(&self) -> State<A> {
+        State {
+            parts: Parts::new(self.gather.is_some()),
+            reported: Vec::new(),
+            length: self.spec.length.as_secs().max(1) as i64,
+            lateness: self.spec.allowed_lateness.as_secs() as i64,
+        }
+    }
+
+    /// A window's aggregates as rows, stamped with their span.
+    fn finish(&self) -> impl FnMut(Accs<A>, i64, &SourceSpan) -> Vec<A::Out> + '_ {
+        |accs, window, span| {
+            accs.into_iter()
+                .map(|(k, acc)| {
+                    let mut row = self.agg.finish(window, k, acc);
+                    self.agg.stamp(&mut row, span);
+                    row
+                })
+                .collect()
+        }
+    }
+
     async fn cut(
         &self,
         mut input: Input<Sourced<A::In>>,
         mut flush: watch::Receiver<u64>,
         tx: Cuts<A::Out>,
     ) -> Result<(), PipelineError> {
-        let mut state: State<A::Key, A::Acc> = State {
-            parts: HashMap::new(),
-            reported: Vec::new(),
-            seq: 0,
-            length: self.spec.length.as_secs().max(1) as i64,
-            lateness: self.spec.allowed_lateness.as_secs() as i64,
-        };
+        let mut state = self.state();
         let mut flush_open = true;
-        let mut ready = Ready {
-            cuts: Vec::new(),
-            rows: 0,
-            since: None,
-        };
+        let mut ready = Ready::default();
         loop {
             let gathered = self
                 .gather
@@ -201,27 +179,25 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
                 .and_then(|g| ready.since.map(|s| s + g.max_linger));
             let deadline = state
                 .parts
+                .map
                 .values()
-                .flat_map(|part| {
-                    part.panes
-                        .iter()
-                        .filter(|(w, _)| part.replaying(**w).is_none())
-                        .map(|(_, p)| p.opened + self.spec.max_open)
-                })
+                .flat_map(|part| part.free().map(|(_, p)| p.opened + self.spec.max_open))
                 .chain(gathered)
                 .min();
             tokio::select! {
                 biased;
                 changed = flush.changed(), if flush_open => {
                     flush_open = changed.is_ok();
-                    state.purge_revoked();
-                    let cuts = self.flush(&mut state, false);
+                    let cuts = state.parts.flush(false, &mut self.finish());
                     self.pass(&tx, &mut ready, cuts, true).await?;
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     let now = Instant::now();
-                    state.purge_revoked();
-                    let cuts = self.close_idle(&mut state, now);
+                    state.parts.purge_revoked();
+                    let max_open = self.spec.max_open;
+                    let cuts = state
+                        .parts
+                        .take_where(|_, p| p.opened + max_open <= now, &mut self.finish());
                     let due = gathered.is_some_and(|g| g <= now);
                     self.pass(&tx, &mut ready, cuts, due).await?;
                 }
@@ -232,17 +208,17 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
             }
             self.report_held(&mut state);
         }
-        let cuts = self.flush(&mut state, true);
+        let cuts = state.parts.flush(true, &mut self.finish());
         self.pass(&tx, &mut ready, cuts, true).await
     }
 
     /// Sets, per partition, how many records open windows hold back from the offset commit:
     /// from the first record of the oldest open window to the last record seen (what explains
     /// a committed offset that trails processing while a topic is quiet).
-    fn report_held(&self, state: &mut State<A::Key, A::Acc>) {
+    fn report_held(&self, state: &mut State<A>) {
         let gauge = |tp: &TopicPartition| metrics::gauge!(m::WINDOW_HELD_RECORDS, "stage" => self.io.stage.to_string(), "topic" => tp.topic.to_string(), "partition" => tp.partition.to_string());
         let mut now = Vec::new();
-        for (tp, part) in &state.parts {
+        for (tp, part) in &state.parts.map {
             if let Some(first) = part.panes.values().map(|p| p.first).min() {
                 gauge(tp).set((part.seen - first + 1).max(0) as f64);
                 now.push(tp.clone());
@@ -281,49 +257,31 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
 
     async fn on_input(
         &self,
-        state: &mut State<A::Key, A::Acc>,
+        state: &mut State<A>,
         batch: Batch<Sourced<A::In>>,
         tx: &Cuts<A::Out>,
         ready: &mut Ready<A::Out>,
     ) -> Result<(), PipelineError> {
         metrics::counter!(m::STAGE_ITEMS_IN, "stage" => self.io.stage.to_string())
             .increment(batch.len() as u64);
-        state.seq += 1;
-        state.purge_revoked();
         let (items, acks) = batch.into_parts();
-        let seen = Assignments::of(&acks, |tp| state.parts.get(tp).map(|p| p.assignment));
+        let seen = state.parts.begin(&acks);
         for &(tp, assignment, from) in &seen.new {
-            if let Some(mut old) = state.parts.remove(tp) {
-                let cuts = self.retire(tp, &mut old);
-                self.pass(tx, ready, cuts, false).await?;
-            }
+            let cuts = state.parts.retire(tp, &mut self.finish());
+            self.pass(tx, ready, cuts, false).await?;
             let recorded = self.io.load(tp, from).await?;
-            let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
-            for span in recorded {
-                by_window.entry(span.key).or_default().push(span);
-            }
-            let plans: HashMap<i64, VecDeque<Span>> = by_window
-                .into_iter()
-                .map(|(w, spans)| (w, replay_plan(spans)))
-                .collect();
-            if !plans.is_empty() {
-                tracing::info!(stage = %self.io.stage, partition = %tp, from, windows = plans.len(), "cutting redelivered records along recorded window spans");
-            }
-            state.parts.insert(
-                tp.clone(),
-                Part {
-                    assignment,
-                    max_time: i64::MIN,
-                    seen: i64::MIN,
-                    panes: BTreeMap::new(),
-                    plans,
-                },
-            );
+            state.parts.assign(tp, assignment, recorded);
         }
         let mut cuts = Vec::new();
         for Sourced { tp, offset, item } in items {
             if !seen.over.contains(&&tp) {
-                self.push(state, &tp, offset, item, &acks, &mut cuts);
+                self.push(state, &tp, offset, item, &acks, &mut cuts)
+                    .map_err(|e| PipelineError::OutOfOrder {
+                        stage: self.io.stage.clone(),
+                        partition: e.tp,
+                        offset: e.offset,
+                        after: e.after,
+                    })?;
             }
         }
         self.after_input(state, &mut cuts);
@@ -333,200 +291,59 @@ impl<A: WindowAggregate, L: SpanLog> Windower<A, L> {
 
     fn push(
         &self,
-        state: &mut State<A::Key, A::Acc>,
+        state: &mut State<A>,
         tp: &TopicPartition,
         offset: i64,
         item: A::In,
         acks: &AckSet,
         cuts: &mut Vec<Cut<A::Out>>,
-    ) {
+    ) -> Result<(), super::core::OutOfOrder> {
         let t = self.agg.event_time(&item);
         let window = t.div_euclid(state.length) * state.length;
-        let seq = state.seq;
-        let part = state.parts.entry(tp.clone()).or_insert_with(|| Part {
-            // Items that no acknowledgement covers (tests, generated data).
-            assignment: 0,
-            max_time: i64::MIN,
-            seen: i64::MIN,
-            panes: BTreeMap::new(),
-            plans: HashMap::new(),
-        });
+        state
+            .parts
+            .prepare(tp, offset, window, &mut self.finish(), cuts)?;
+        let part = state.parts.map.get_mut(tp).expect("prepared");
         part.max_time = part.max_time.max(t);
-        part.seen = part.seen.max(offset);
-        if part.plans.contains_key(&window) {
-            // Recorded spans of this window that end before this record are complete.
-            while let Some(plan) = part.plans.get_mut(&window).and_then(|q| {
-                let done = q.front().is_some_and(|p| p.last < offset);
-                done.then(|| q.pop_front()).flatten()
-            }) {
-                if part.panes.get(&window).is_some_and(|p| p.holds(&plan)) {
-                    cuts.extend(self.take(part, tp, window, Some(plan)));
-                }
-            }
-            let in_plan = part
-                .plans
-                .get(&window)
-                .and_then(VecDeque::front)
-                .is_some_and(|p| p.first <= offset);
-            if in_plan && part.replaying(window).is_none() {
-                // Free rows of this window before a recorded span starts.
-                cuts.extend(self.take(part, tp, window, None));
-            }
-        }
-        let pane = part
-            .panes
-            .entry(window)
-            .or_insert_with(|| Pane::new(offset));
-        if pane.acks_seq != seq {
-            pane.acks.merge(shares_of(acks, tp));
-            pane.acks_seq = seq;
-        }
-        self.agg
-            .add(pane.accs.entry(self.agg.key(&item)).or_default(), &item);
-        pane.last = offset;
-        pane.items += 1;
+        let key = self.agg.key(&item);
+        state.parts.add(tp, offset, window, 0, acks, |accs| {
+            self.agg.add(accs.entry(key).or_default(), &item)
+        });
+        Ok(())
     }
 
     /// After a whole input: recorded spans whose last record arrived are cut; windows the
     /// watermark has passed are closed.
-    fn after_input(&self, state: &mut State<A::Key, A::Acc>, cuts: &mut Vec<Cut<A::Out>>) {
+    fn after_input(&self, state: &mut State<A>, cuts: &mut Vec<Cut<A::Out>>) {
+        let mut finish = self.finish();
+        state.parts.cut_completed(&mut finish, cuts);
         let (length, lateness) = (state.length, state.lateness);
-        for (tp, part) in state.parts.iter_mut() {
-            let windows: Vec<i64> = part.panes.keys().copied().collect();
+        let tps: Vec<TopicPartition> = state.parts.map.keys().cloned().collect();
+        for tp in tps {
+            let part = &state.parts.map[&tp];
             let watermark = part.max_time.saturating_sub(lateness);
-            for w in windows {
-                match part.replaying(w).cloned() {
-                    Some(plan) if part.panes[&w].last >= plan.last => {
-                        part.plans.get_mut(&w).map(VecDeque::pop_front);
-                        cuts.extend(self.take(part, tp, w, Some(plan)));
-                    }
-                    Some(_) => {}
-                    None if w + length <= watermark => {
-                        cuts.extend(self.take(part, tp, w, None));
-                    }
-                    None => {}
-                }
-            }
-        }
-    }
-
-    fn close_idle(&self, state: &mut State<A::Key, A::Acc>, now: Instant) -> Vec<Cut<A::Out>> {
-        let mut cuts = Vec::new();
-        for (tp, part) in state.parts.iter_mut() {
             let due: Vec<i64> = part
-                .panes
-                .iter()
-                .filter(|(w, p)| {
-                    part.replaying(**w).is_none() && p.opened + self.spec.max_open <= now
-                })
-                .map(|(w, _)| *w)
+                .free()
+                .filter(|(w, _)| w + length <= watermark)
+                .map(|(w, _)| w)
                 .collect();
             for w in due {
-                cuts.extend(self.take(part, tp, w, None));
+                cuts.extend(state.parts.take(&tp, w, None, &mut finish));
             }
         }
-        cuts
-    }
-
-    /// A flush request or the end: every free window is cut; a recorded span not yet
-    /// complete waits, or is dropped (its records redelivered) when its partition was revoked
-    /// or the input ended.
-    fn flush(&self, state: &mut State<A::Key, A::Acc>, end: bool) -> Vec<Cut<A::Out>> {
-        let mut cuts = Vec::new();
-        let mut dropped = Vec::new();
-        for (tp, part) in state.parts.iter_mut() {
-            let windows: Vec<i64> = part.panes.keys().copied().collect();
-            let give_up = end || part.is_revoked();
-            for w in windows {
-                if part.replaying(w).is_some() {
-                    if give_up {
-                        part.panes.remove(&w);
-                        tracing::warn!(partition = %tp, window = w, "a recorded window span was not complete when its partition was given up; its records will be redelivered");
-                    }
-                    continue;
-                }
-                cuts.extend(self.take(part, tp, w, None));
-            }
-            if give_up && part.panes.is_empty() && part.is_revoked() {
-                dropped.push(tp.clone());
-            }
-        }
-        for tp in dropped {
-            state.parts.remove(&tp);
-        }
-        cuts
-    }
-
-    fn retire(&self, tp: &TopicPartition, old: &mut Part<A::Key, A::Acc>) -> Vec<Cut<A::Out>> {
-        let windows: Vec<i64> = old.panes.keys().copied().collect();
-        let mut cuts = Vec::new();
-        for w in windows {
-            if old.replaying(w).is_some() {
-                old.panes.remove(&w);
-            } else {
-                cuts.extend(self.take(old, tp, w, None));
-            }
-        }
-        cuts
-    }
-
-    fn take(
-        &self,
-        part: &mut Part<A::Key, A::Acc>,
-        tp: &TopicPartition,
-        window: i64,
-        replay: Option<Span>,
-    ) -> Option<Cut<A::Out>> {
-        let pane = part.panes.remove(&window)?;
-        let (span, replay, whole) = match replay {
-            Some(plan) => {
-                // A window whose first records were committed was written; only its tail
-                // comes again (see the span batcher).
-                let whole = pane.first <= plan.first;
-                if whole && (plan.items != pane.items || plan.last != pane.last) {
-                    tracing::warn!(partition = %tp, window, first = plan.first, last = plan.last, recorded_items = plan.items, items = pane.items, "a recorded window span came out differently this time (changed code or data?)");
-                }
-                (plan, true, whole)
-            }
-            None => (
-                Span {
-                    tp: tp.clone(),
-                    first: pane.first,
-                    last: pane.last,
-                    items: pane.items,
-                    key: window,
-                    across: self.gather.is_some(),
-                    batch: None,
-                },
-                false,
-                false,
-            ),
-        };
-        let rows: Vec<A::Out> = pane
-            .accs
-            .into_iter()
-            .map(|(k, acc)| {
-                let mut row = self.agg.finish(window, k, acc);
-                self.agg.stamp(&mut row, &span);
-                row
-            })
-            .collect();
-        Some(Cut {
-            rows,
-            acks: pane.acks,
-            span,
-            replay,
-            whole_replay: whole,
-        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use super::super::core::CutKind;
+    use super::super::io::batches;
     use crate::ack::PartitionLedger;
+    use crate::batch::Delivery;
     use crate::error::SinkError;
     use crate::lifecycle::Health;
     use crate::retry::RetryPolicy;
@@ -558,7 +375,7 @@ mod tests {
         fn finish(&self, window: i64, key: u8, acc: u64) -> Self::Out {
             (window, key, acc, 0)
         }
-        fn stamp(&self, row: &mut Row, source: &Span) {
+        fn stamp(&self, row: &mut Row, source: &SourceSpan) {
             if self.stamped {
                 row.3 = i64::from(source.tp.partition) * 1_000_000 + source.first;
             }
@@ -569,10 +386,10 @@ mod tests {
     struct NoLog;
 
     impl SpanLog for NoLog {
-        async fn record(&self, _: &[Span]) -> Result<(), SinkError> {
+        async fn record(&self, _: &[SourceSpan]) -> Result<(), SinkError> {
             Ok(())
         }
-        async fn load(&self, _: &TopicPartition, _: i64) -> Result<Vec<Span>, SinkError> {
+        async fn load(&self, _: &TopicPartition, _: i64) -> Result<Vec<SourceSpan>, SinkError> {
             unreachable!()
         }
     }
@@ -601,23 +418,18 @@ mod tests {
         let cut = |first: i64, rows: usize| Cut {
             rows: vec![(60i64, 0u8, 1u64, 0i64); rows],
             acks: AckSet::new(),
-            span: Span {
+            span: SourceSpan {
                 tp: tp.clone(),
                 first,
                 last: first,
                 items: rows as u64,
-                key: 60,
+                window: Some(60),
                 across: true,
                 batch: None,
             },
-            replay: false,
-            whole_replay: false,
+            kind: CutKind::Fresh,
         };
-        let mut ready = Ready {
-            cuts: Vec::new(),
-            rows: 0,
-            since: None,
-        };
+        let mut ready = Ready::default();
         w.pass(&tx, &mut ready, vec![cut(0, 2)], false)
             .await
             .unwrap();
@@ -627,7 +439,7 @@ mod tests {
             .await
             .unwrap();
         let (cuts, across) = rx.try_recv().expect("leave at the row limit");
-        let out = crate::span::batches(cuts, across);
+        let out = batches(cuts, across);
         assert_eq!(out.len(), 1, "as one batch");
         assert_eq!((out[0].len(), out[0].spans().len()), (4, 2));
         w.pass(&tx, &mut ready, vec![cut(2, 1)], false)
@@ -660,16 +472,6 @@ mod tests {
         }
     }
 
-    fn state() -> State<u8, u64> {
-        State {
-            parts: HashMap::new(),
-            reported: Vec::new(),
-            seq: 0,
-            length: 60,
-            lateness: 20,
-        }
-    }
-
     type Item = (i64, (i64, u8, u64));
 
     /// Rows written, by window span (deduplicated as ClickHouse does by token).
@@ -677,34 +479,31 @@ mod tests {
 
     fn feed(
         w: &Windower<Sum, NoLog>,
-        st: &mut State<u8, u64>,
+        st: &mut State<Sum>,
         ledger: &Arc<PartitionLedger>,
-        plans: &mut Option<HashMap<i64, VecDeque<Span>>>,
+        recorded: &mut Option<Vec<SourceSpan>>,
         items: &[Item],
     ) -> Vec<Cut<Row>> {
         let tp = ledger.topic_partition().clone();
         let mut acks = AckSet::new();
         acks.push(ledger.issue(items[0].0, items[items.len() - 1].0).unwrap());
-        st.seq += 1;
-        if let Some(plans) = plans.take() {
-            st.parts.insert(
-                tp.clone(),
-                Part {
-                    assignment: acks.handles()[0].assignment(),
-                    max_time: i64::MIN,
-                    seen: i64::MIN,
-                    panes: BTreeMap::new(),
-                    plans,
-                },
-            );
+        let _ = st.parts.begin(&acks);
+        if let Some(recorded) = recorded.take() {
+            st.parts
+                .assign(&tp, acks.handles()[0].assignment(), recorded);
         }
         let mut cuts = Vec::new();
         for &(offset, item) in items {
-            w.push(st, &tp, offset, item, &acks, &mut cuts);
+            w.push(st, &tp, offset, item, &acks, &mut cuts)
+                .expect("in order");
         }
         w.after_input(st, &mut cuts);
         acks.release();
         cuts
+    }
+
+    fn flush(w: &Windower<Sum, NoLog>, st: &mut State<Sum>, end: bool) -> Vec<Cut<Row>> {
+        st.parts.flush(end, &mut w.finish())
     }
 
     /// Records with event times moving forward, some late (beyond the lateness), one record
@@ -744,7 +543,7 @@ mod tests {
             let tps = [TopicPartition::new("t", 0), TopicPartition::new("t", 1)];
             let mut table: Vec<Row> = Vec::new();
             let write = |batch: Batch<Row>, table: &mut Vec<Row>| {
-                if batch.is_recovered() {
+                if batch.delivery() == Delivery::Recovered {
                     let mut held = table.clone();
                     for row in &batch.items {
                         match held.iter().position(|r| r == row) {
@@ -780,19 +579,19 @@ mod tests {
 
             // Run 1, until a crash: cuts recorded, their batches written or lost.
             let ledgers = tps.clone().map(PartitionLedger::new);
-            let mut st = state();
-            let mut plans = [Some(HashMap::new()), Some(HashMap::new())];
-            let mut log: Vec<Span> = Vec::new();
+            let mut st = w.state();
+            let mut recorded = [Some(Vec::new()), Some(Vec::new())];
+            let mut log: Vec<SourceSpan> = Vec::new();
             let mut lost_from = [i64::MAX; 2];
             let input = steps([0, 0], &mut rng);
             let crash_at = rng.next(input.len() as u64) as usize;
             for (p, micro) in &input[..crash_at] {
-                let mut cuts = feed(&w, &mut st, &ledgers[*p], &mut plans[*p], micro);
+                let mut cuts = feed(&w, &mut st, &ledgers[*p], &mut recorded[*p], micro);
                 if rng.next(6) == 0 {
-                    cuts.extend(w.flush(&mut st, false));
+                    cuts.extend(flush(&w, &mut st, false));
                 }
                 log.extend(cuts.iter().map(|c| c.span.clone()));
-                for batch in crate::span::batches(cuts, true) {
+                for batch in batches(cuts, true) {
                     if rng.next(2) == 0 {
                         write(batch, &mut table);
                     } else {
@@ -803,7 +602,7 @@ mod tests {
                     }
                 }
             }
-            for (tp, part) in &st.parts {
+            for (tp, part) in &st.parts.map {
                 for pane in part.panes.values() {
                     let p = tp.partition as usize;
                     lost_from[p] = lost_from[p].min(pane.first);
@@ -823,32 +622,25 @@ mod tests {
 
             // Run 2: redelivery from the committed offsets, to the end.
             let ledgers = tps.clone().map(PartitionLedger::new);
-            let mut plans = [0, 1].map(|p| {
-                let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
-                for s in log
-                    .iter()
-                    .filter(|s| s.tp.partition == p as i32 && s.last >= committed[p])
-                {
-                    by_window.entry(s.key).or_default().push(s.clone());
-                }
+            let mut recorded = [0, 1].map(|p| {
                 Some(
-                    by_window
-                        .into_iter()
-                        .map(|(k, v)| (k, replay_plan(v)))
+                    log.iter()
+                        .filter(|s| s.tp.partition == p as i32 && s.last >= committed[p])
+                        .cloned()
                         .collect(),
                 )
             });
-            let mut st = state();
+            let mut st = w.state();
             for (p, micro) in steps(committed, &mut rng) {
-                let mut cuts = feed(&w, &mut st, &ledgers[p], &mut plans[p], &micro);
+                let mut cuts = feed(&w, &mut st, &ledgers[p], &mut recorded[p], &micro);
                 if rng.next(6) == 0 {
-                    cuts.extend(w.flush(&mut st, false));
+                    cuts.extend(flush(&w, &mut st, false));
                 }
-                for batch in crate::span::batches(cuts, true) {
+                for batch in batches(cuts, true) {
                     write(batch, &mut table);
                 }
             }
-            for batch in crate::span::batches(w.flush(&mut st, true), true) {
+            for batch in batches(flush(&w, &mut st, true), true) {
                 write(batch, &mut table);
             }
 
@@ -881,24 +673,24 @@ mod tests {
             let mut table: Table = BTreeMap::new();
             let mut insert = |cut: Cut<Row>| {
                 table
-                    .entry((cut.span.key, cut.span.first, cut.span.last))
+                    .entry((cut.span.window_key(), cut.span.first, cut.span.last))
                     .or_insert_with(|| cut.rows.clone());
                 cut.acks.release();
             };
 
             // Run 1: micro-batches, random flushes, a crash; each cut recorded, written or not.
             let ledger = PartitionLedger::new(tp.clone());
-            let mut st = state();
-            let mut plans = Some(HashMap::new());
-            let mut log: Vec<Span> = Vec::new();
+            let mut st = w.state();
+            let mut recorded = Some(Vec::new());
+            let mut log: Vec<SourceSpan> = Vec::new();
             let mut lost_from = i64::MAX;
             let crash_at = rng.next(items.len() as u64) as usize;
             let mut at = 0;
             while at < crash_at {
                 let end = (at + 1 + rng.next(8) as usize).min(crash_at);
-                let mut cuts = feed(&w, &mut st, &ledger, &mut plans, &items[at..end]);
+                let mut cuts = feed(&w, &mut st, &ledger, &mut recorded, &items[at..end]);
                 if rng.next(6) == 0 {
-                    cuts.extend(w.flush(&mut st, false));
+                    cuts.extend(flush(&w, &mut st, false));
                 }
                 for cut in cuts {
                     log.push(cut.span.clone());
@@ -910,7 +702,7 @@ mod tests {
                 }
                 at = end;
             }
-            if let Some(part) = st.parts.get(&tp) {
+            if let Some(part) = st.parts.map.get(&tp) {
                 for pane in part.panes.values() {
                     lost_from = lost_from.min(pane.first);
                 }
@@ -921,29 +713,25 @@ mod tests {
 
             // Run 2: from the committed offset, other micro-batches, to the end.
             let ledger = PartitionLedger::new(tp.clone());
-            let mut by_window: HashMap<i64, Vec<Span>> = HashMap::new();
-            for s in log.iter().filter(|s| s.last >= committed) {
-                by_window.entry(s.key).or_default().push(s.clone());
-            }
-            let mut plans = Some(
-                by_window
-                    .into_iter()
-                    .map(|(k, v)| (k, replay_plan(v)))
+            let mut recorded = Some(
+                log.iter()
+                    .filter(|s| s.last >= committed)
+                    .cloned()
                     .collect(),
             );
-            let mut st = state();
+            let mut st = w.state();
             let rest: Vec<Item> = items.iter().copied().filter(|i| i.0 >= committed).collect();
             let mut at = 0;
             while at < rest.len() {
                 let end = (at + 1 + rng.next(8) as usize).min(rest.len());
-                let mut cuts = feed(&w, &mut st, &ledger, &mut plans, &rest[at..end]);
+                let mut cuts = feed(&w, &mut st, &ledger, &mut recorded, &rest[at..end]);
                 if rng.next(6) == 0 {
-                    cuts.extend(w.flush(&mut st, false));
+                    cuts.extend(flush(&w, &mut st, false));
                 }
                 cuts.into_iter().for_each(&mut insert);
                 at = end;
             }
-            w.flush(&mut st, true).into_iter().for_each(&mut insert);
+            flush(&w, &mut st, true).into_iter().for_each(&mut insert);
 
             let mut written: BTreeMap<(i64, u8), u64> = BTreeMap::new();
             for (window, key, sum, _) in table.values().flatten() {
@@ -959,9 +747,9 @@ mod tests {
     #[test]
     fn windows_close_on_the_watermark_and_late_items_make_one_more_row() {
         let w = windower();
-        let mut st = state();
+        let mut st = w.state();
         let ledger = PartitionLedger::new(TopicPartition::new("t", 0));
-        let mut plans = Some(HashMap::new());
+        let mut plans = Some(Vec::new());
         let t0 = 1_760_000_040; // window 1_760_000_040 .. +60 (aligned: 1_760_000_040 % 60 == 0)
         assert_eq!(t0 % 60, 0);
         let cuts = feed(
@@ -979,7 +767,11 @@ mod tests {
         assert_eq!(cuts.len(), 1);
         assert_eq!(cuts[0].rows, vec![(t0, 1, 12, 0)]);
         assert_eq!(
-            (cuts[0].span.key, cuts[0].span.first, cuts[0].span.last),
+            (
+                cuts[0].span.window_key(),
+                cuts[0].span.first,
+                cuts[0].span.last
+            ),
             (t0, 0, 1)
         );
         // A late item for the closed window: one more row, at once.
