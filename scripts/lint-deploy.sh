@@ -57,11 +57,11 @@ for f in docker/k8s/*.yaml; do
 done
 
 # The environment variables the worker reads, from the code that reads them.
-CONTRACT_ENV=$(grep -o 'env("[A-Z_]*")' src/config.rs | sed 's/env("\(.*\)")/\1/' | sort -u | paste -sd, - || true)
+CONTRACT_ENV=$(grep -o 'env("[A-Z_]*")' worker/src/config.rs | sed 's/env("\(.*\)")/\1/' | sort -u | paste -sd, - || true)
 # The default drain deadline, which every grace period must exceed.
-DRAIN_SECS=$(grep -o 'drain_deadline_secs: [0-9]*' src/config.rs | grep -o '[0-9]*$' || true)
+DRAIN_SECS=$(grep -o 'drain_deadline_secs: [0-9]*' worker/src/config.rs | grep -o '[0-9]*$' || true)
 if [[ -z $CONTRACT_ENV || -z $DRAIN_SECS ]]; then
-  echo "lint-deploy: cannot read the variables or the drain deadline from src/config.rs" >&2
+  echo "lint-deploy: cannot read the variables or the drain deadline from worker/src/config.rs" >&2
   exit 1
 fi
 export CONTRACT_ENV DRAIN_SECS

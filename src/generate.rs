@@ -1,188 +1,185 @@
-//! `sluice generate`: produces [`Generator`]'s FrameWorks event stream into Kafka, at a rate or
-//! as fast as the broker takes it.
+//! `sluice generate`: FrameWorks' event stream from [`Generator`] into Kafka, at a rate or as
+//! fast as the broker takes it; and the same events as `sluice bench`'s workload.
 
-use std::io::Write;
-use std::time::{Duration, Instant};
-
-use anyhow::Context;
-use rdkafka::ClientContext;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use sluice_schemas::sample::Generator;
+use sluice_worker::{BoxError, Config, Record};
 
-use crate::config::Config;
+use crate::frameworks::FrameWorks;
+
+/// FrameWorks' own commands.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Produce a realistic FrameWorks event stream into the configured topic.
+    Generate(Options),
+}
 
 /// What to generate.
-#[derive(Clone, Debug)]
+#[derive(clap::Args, Debug)]
 pub struct Options {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
     /// Number of events.
-    pub events: u64,
-    /// Events per second; 0 = as fast as the broker takes them.
-    pub rate: u64,
-    /// Random seed (same seed, same events).
-    pub seed: u64,
-    /// Partitions of the topic if it is created.
-    pub partitions: i32,
-    /// Topic (default: the first configured topic).
-    pub topic: Option<String>,
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// Events per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Random seed: the same seed gives the same events.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Partitions of the topic, if it has to be created.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
     /// Number of tenants.
-    pub tenants: usize,
-    /// Print a progress line.
-    pub progress: bool,
-    /// Key records by tenant and stream (see [`Generator::key_by_stream`]).
-    pub key_by_stream: bool,
-    /// End of the hour the events span, Unix seconds (default: now).
-    pub until: Option<i64>,
-    /// Events in a thousand published a second time, later (see
-    /// [`sluice_schemas::sample::republished`]).
-    pub republish_permille: u32,
+    #[arg(long, default_value_t = 8)]
+    tenants: usize,
+    /// Topic (default: the first of KAFKA_TOPICS).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Key records by tenant and stream instead of by event id, so each stream's events
+    /// keep one order (FrameWorks' producers key by event id).
+    #[arg(long)]
+    key_by_stream: bool,
+    /// End of the hour the events span, as seconds since the Unix epoch (default: now);
+    /// with the same seed, the same value gives byte-identical events.
+    #[arg(long)]
+    until: Option<i64>,
+    /// Publish about this many events in a thousand a second time, 1 to 400 events later
+    /// (same key, value and headers at a new offset), as a producer's retry does.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    republish_permille: u32,
 }
 
-/// Counts the events the broker did not take, so that `generate` fails rather than report
-/// events it lost.
-#[derive(Default)]
-struct Deliveries {
-    failed: std::sync::atomic::AtomicU64,
-    first_error: std::sync::Mutex<Option<String>>,
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
-            first.get_or_insert_with(|| e.to_string());
-        }
-    }
-}
-
-/// Produces the events into Kafka; returns how many records were sent (republished copies
-/// included).
-pub async fn run(config: &Config, opts: &Options) -> anyhow::Result<u64> {
+/// Runs FrameWorks' own commands.
+pub async fn command(command: Command, config: Config<FrameWorks>) -> Result<(), BoxError> {
+    let Command::Generate(opts) = command;
     let topic = opts
         .topic
         .clone()
         .or_else(|| config.kafka.topics.first().cloned())
-        .context("no topic configured")?;
-    crate::ensure_topic(config, &topic, opts.partitions).await?;
-    let client = config.kafka.producer_client()?;
-    // Idempotent, so that retries after a broken connection do not write an event twice.
-    let producer: ThreadedProducer<Deliveries> = client
-        .clone()
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.kbytes", "131072")
-        .create_with_context(Deliveries::default())
-        .context("cannot create Kafka producer")?;
-    let opts = opts.clone();
-    tokio::task::spawn_blocking(move || produce(&producer, &topic, &opts)).await?
-}
-
-fn produce(
-    producer: &ThreadedProducer<Deliveries>,
-    topic: &str,
-    opts: &Options,
-) -> anyhow::Result<u64> {
-    let mut generator = Generator::new(opts.seed, opts.tenants, opts.events)
+        .ok_or("no topic configured")?;
+    let generator = Generator::new(opts.seed, opts.tenants, opts.events)
         .key_by_stream(opts.key_by_stream)
         .until(opts.until);
-    let started = Instant::now();
-    let mut last_report = Instant::now();
-    // Copies to publish again, by the event they follow.
-    let mut repeats: std::collections::HashMap<u64, Vec<u64>> = Default::default();
-    let mut to_repeat = std::collections::HashSet::new();
-    for (event, after) in
-        sluice_schemas::sample::republished(opts.seed, opts.events, opts.republish_permille)
-    {
-        repeats.entry(after).or_default().push(event);
-        to_repeat.insert(event);
-    }
-    let mut held: std::collections::HashMap<u64, (String, String, String)> = Default::default();
-    let mut sent = 0u64;
-    for i in 0..opts.events {
-        let event = generator.event(i);
-        if to_repeat.contains(&i) {
-            held.insert(i, event.clone());
-        }
-        let mut copies = vec![event];
-        for e in repeats.remove(&i).unwrap_or_default() {
-            copies.extend(held.remove(&e));
-        }
-        for (key, value, tenant) in &copies {
-            send(producer, topic, key, value, tenant)
-                .with_context(|| format!("producing event {i}"))?;
-            sent += 1;
-        }
-        if opts.rate > 0 {
-            let due = Duration::from_secs_f64((i + 1) as f64 / opts.rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
-        if opts.progress && last_report.elapsed() >= Duration::from_millis(500) {
-            last_report = Instant::now();
-            let rate = (i + 1) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            eprint!(
-                "\rgenerate: {}/{} events ({rate:.0} events/s)   ",
-                i + 1,
-                opts.events
-            );
-            let _ = std::io::stderr().flush();
-        }
-    }
-    producer
-        .flush(Duration::from_secs(120))
-        .context("flushing the producer")?;
-    let deliveries = producer.context();
-    let failed = deliveries.failed.load(std::sync::atomic::Ordering::Relaxed);
-    if failed > 0 {
-        let first = deliveries
-            .first_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_default();
-        anyhow::bail!("{failed} events were not delivered (first error: {first})");
-    }
-    if opts.progress {
-        let rate = opts.events as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        eprintln!(
-            "\rgenerate: {}/{} events ({rate:.0} events/s), {sent} records, done   ",
-            opts.events, opts.events
-        );
-    }
-    Ok(sent)
+    let records = Events::new(generator, opts.seed, opts.events, opts.republish_permille);
+    let total = opts.events;
+    sluice_worker::produce(
+        &config.kafka,
+        &topic,
+        opts.partitions,
+        records,
+        total,
+        opts.rate,
+        true,
+    )
+    .await?;
+    Ok(())
 }
 
-/// Sends one event with its `tenant_id` header.
-fn send(
-    producer: &ThreadedProducer<Deliveries>,
-    topic: &str,
-    key: &str,
-    value: &str,
-    tenant: &str,
-) -> Result<(), rdkafka::error::KafkaError> {
-    let headers = rdkafka::message::OwnedHeaders::new()
-        .insert(rdkafka::message::Header {
-            key: "tenant_id",
-            value: Some(tenant.as_bytes()),
-        })
-        .insert(rdkafka::message::Header {
-            key: "source",
-            value: Some("sluice-generate".as_bytes()),
-        });
-    let record = BaseRecord::to(topic)
-        .key(key)
-        .payload(value)
-        .headers(headers);
-    sluice_pipeline::send_waiting(producer, record)
+/// The generator's events as records, with the republished copies after the events they
+/// follow.
+struct Events {
+    generator: Generator,
+    next: u64,
+    total: u64,
+    /// Copies to publish again, by the event they follow.
+    repeats: HashMap<u64, Vec<u64>>,
+    to_repeat: HashSet<u64>,
+    held: HashMap<u64, Record>,
+    ready: VecDeque<Record>,
+}
+
+impl Events {
+    fn new(generator: Generator, seed: u64, total: u64, republish_permille: u32) -> Self {
+        let mut repeats: HashMap<u64, Vec<u64>> = HashMap::new();
+        let mut to_repeat = HashSet::new();
+        for (event, after) in sluice_schemas::sample::republished(seed, total, republish_permille) {
+            repeats.entry(after).or_default().push(event);
+            to_repeat.insert(event);
+        }
+        Self {
+            generator,
+            next: 0,
+            total,
+            repeats,
+            to_repeat,
+            held: HashMap::new(),
+            ready: VecDeque::new(),
+        }
+    }
+}
+
+impl Iterator for Events {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        if let Some(r) = self.ready.pop_front() {
+            return Some(r);
+        }
+        if self.next >= self.total {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        let record = record(self.generator.event(i));
+        if self.to_repeat.contains(&i) {
+            self.held.insert(i, record.clone());
+        }
+        for e in self.repeats.remove(&i).unwrap_or_default() {
+            self.ready.extend(self.held.remove(&e));
+        }
+        Some(record)
+    }
+}
+
+/// One generated event as a record, with its `tenant_id` header.
+fn record((key, value, tenant): (String, String, String)) -> Record {
+    Record {
+        key: Some(key.into_bytes()),
+        value: value.into_bytes(),
+        headers: vec![
+            ("tenant_id".into(), tenant.into_bytes()),
+            ("source".into(), b"sluice-generate".to_vec()),
+        ],
+    }
+}
+
+/// `sluice bench`'s workload: the generator's events (8 tenants).
+pub struct Workload;
+
+impl sluice_worker::Workload for Workload {
+    fn records(
+        &self,
+        seed: u64,
+        count: u64,
+        live: Option<Duration>,
+    ) -> Box<dyn Iterator<Item = Record> + Send> {
+        let mut generator = Generator::new(seed, 8, count.max(1));
+        if let Some(live) = live {
+            generator = generator.live(live.as_secs());
+        }
+        Box::new((0..count).map(move |i| record(generator.event(i))))
+    }
+
+    fn expected_rows(&self, seed: u64, count: u64) -> Option<u64> {
+        let mut generator = Generator::new(seed, 8, count.max(1));
+        Some(
+            (0..count)
+                .map(|i| {
+                    let (_, value, tenant) = generator.event(i);
+                    sluice_schemas::Event::decode(value.as_bytes(), Some(tenant.as_bytes()))
+                        .ok()
+                        .and_then(|e| sluice_operators::route(&e).ok())
+                        .map_or(0, |rows| rows.len() as u64)
+                })
+                .sum(),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -193,7 +190,7 @@ mod tests {
     fn events_decode_and_route_and_the_seed_repeats_them() {
         let mut a = Generator::new(7, 5, 10_000);
         let mut b = Generator::new(7, 5, 10_000);
-        let mut kinds = std::collections::HashSet::new();
+        let mut kinds = HashSet::new();
         for i in 0..10_000 {
             let (key, value, tenant) = a.event(i);
             let event = sluice_schemas::Event::decode(value.as_bytes(), Some(tenant.as_bytes()))
@@ -210,5 +207,19 @@ mod tests {
             }
         }
         assert_eq!(kinds.len(), 12, "every event type appears");
+    }
+
+    #[test]
+    fn republished_events_follow_the_events_they_repeat() {
+        let generator = Generator::new(3, 2, 2_000).until(Some(1_793_491_200));
+        let records: Vec<Record> = Events::new(generator, 3, 2_000, 50).collect();
+        let copies = sluice_schemas::sample::republished(3, 2_000, 50);
+        assert!(!copies.is_empty());
+        assert_eq!(records.len(), 2_000 + copies.len());
+        let mut seen = HashMap::new();
+        for r in &records {
+            *seen.entry(r.value.clone()).or_insert(0) += 1;
+        }
+        assert_eq!(seen.values().filter(|&&n| n == 2).count(), copies.len());
     }
 }

@@ -1,6 +1,7 @@
 //! `sluice bench` end to end on a small topic, against the real broker, ClickHouse and
 //! PostgreSQL: every phase runs on the same events, ceiling B inserts exactly the rows the
-//! worker wrote, the probe sees its events, and the reports say where and what ran.
+//! worker wrote, the live worker's sinks time the probe's records, and the reports say where
+//! and what ran.
 
 use std::process::Command;
 
@@ -80,13 +81,20 @@ async fn bench_measures_every_phase_on_the_same_events_and_writes_its_reports() 
         phases[0]["bytes"].as_u64().unwrap_or(0) > 20000 * 100,
         "ceiling A counts the bytes it read: {report:#}"
     );
+    // The live worker's sinks timed the probe's records: the slowest table's figures.
     let latency = &report["latency"];
-    assert!(latency["samples"].as_u64().unwrap_or(0) >= 20, "{latency}");
-    assert_eq!(latency["unseen"], 0, "{latency}");
+    assert!(latency["samples"].as_u64().unwrap_or(0) >= 4, "{latency}");
+    let sink = latency["sink"].as_str().unwrap_or_default();
     assert!(
-        latency["p50_ms"].as_f64().unwrap_or(f64::NAN) <= latency["p99_ms"].as_f64().unwrap_or(0.0),
+        sluice_schemas::EVENT_TABLES.contains(&sink),
+        "a table not fed by windows: {latency}"
+    );
+    let ms = |k: &str| latency[k].as_f64().unwrap_or(f64::NAN);
+    assert!(
+        0.0 < ms("p50_ms") && ms("p50_ms") <= ms("p99_ms") && ms("p99_ms") <= ms("max_ms"),
         "{latency}"
     );
+    assert!(ms("max_ms") < 30_000.0, "{latency}");
 
     let md = std::fs::read_to_string(&markdown).expect("BENCHMARKS.md");
     for needle in [

@@ -7,7 +7,7 @@ use sluice_operators::route;
 use sluice_pipeline::testing::PartitionLedger;
 use sluice_pipeline::{Batch, Delivery, Sink, SourceSpan, TopicPartition};
 use sluice_schemas::rows::{StreamEventRow, TrackListRow, ViewerMetricRow};
-use sluice_schemas::{CLICKHOUSE_MIGRATIONS, Event, TableRow, sql_statements};
+use sluice_schemas::{CLICKHOUSE_MIGRATIONS, EVENT_TABLES, Event, TableRow};
 use sluice_sinks::ClickHouseSink;
 use sluice_testkit::unique;
 
@@ -17,25 +17,32 @@ fn clickhouse_url() -> String {
     std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
 }
 
-/// A fresh database with the FrameWorks tables.
+/// A fresh database with the FrameWorks tables, as `sluice migrate` makes it: the framework's
+/// tables, FrameWorks', and a landing view per table the worker writes.
 async fn fresh_database() -> Client {
     let db = unique("fw_test");
-    let root = Client::default().with_url(clickhouse_url());
-    root.query(&format!("CREATE DATABASE {db}"))
-        .execute()
-        .await
-        .expect("create database");
-    let client = root.with_database(&db);
-    for (_, _, sql) in CLICKHOUSE_MIGRATIONS {
-        for stmt in sql_statements(sql) {
-            client
-                .query(&stmt)
-                .execute()
-                .await
-                .unwrap_or_else(|e| panic!("{stmt}: {e}"));
-        }
+    let config = sluice_worker::ClickHouseConfig {
+        host: clickhouse_url(),
+        database: db.clone(),
+        ..Default::default()
+    };
+    let tables: Vec<String> = EVENT_TABLES
+        .iter()
+        .chain(&["usage_records"])
+        .map(|t| t.to_string())
+        .collect();
+    sluice_worker::migrate::ClickHousePlan {
+        scope: "frameworks",
+        migrations: CLICKHOUSE_MIGRATIONS,
+        tables: &tables,
+        cluster: None,
     }
-    client
+    .apply(&config)
+    .await
+    .expect("migrate");
+    Client::default()
+        .with_url(clickhouse_url())
+        .with_database(&db)
 }
 
 /// Event `i`, `i` seconds after a recent fixed point (older rows would fall to the TTLs).
@@ -84,7 +91,7 @@ fn stream_events(n: usize) -> Vec<StreamEventRow> {
 /// Writes `b` until the sink succeeds (a path that is coming back), at most 5 s.
 async fn write_until_ok<T>(sink: &mut ClickHouseSink<T>, b: &Batch<T>, what: &str)
 where
-    T: clickhouse::RowOwned + clickhouse::RowWrite + Send + Sync,
+    T: clickhouse::RowOwned + clickhouse::RowWrite + Default + Send + Sync,
 {
     let mut attempts = 0;
     while let Err(e) = sink.write(b).await {
@@ -170,9 +177,7 @@ async fn every_event_type_lands_in_its_table() {
                 .collect();
             let n = items.len();
             let mut sink = ClickHouseSink::<$ty>::new(client.clone(), $table);
-            sink.check_schema(&<$ty>::default())
-                .await
-                .expect("schema matches");
+            sink.check().await.expect("schema matches");
             let b = batch(&ledger, next, items);
             next += n.max(1) as i64;
             sink.write(&b).await.expect("insert");
@@ -181,36 +186,12 @@ async fn every_event_type_lands_in_its_table() {
         }};
     }
     use sluice_schemas::rows::*;
-    let expected = [
-        (
-            "stream_events",
-            write_table!(StreamEvent, StreamEventRow, "stream_events"),
-        ),
-        (
-            "connection_events",
-            write_table!(ConnectionEvent, ConnectionEventRow, "connection_events"),
-        ),
-        (
-            "stream_health_metrics",
-            write_table!(StreamHealth, StreamHealthRow, "stream_health_metrics"),
-        ),
-        (
-            "viewer_metrics",
-            write_table!(ViewerMetric, ViewerMetricRow, "viewer_metrics"),
-        ),
-        (
-            "node_metrics",
-            write_table!(NodeMetric, NodeMetricRow, "node_metrics"),
-        ),
-        (
-            "routing_events",
-            write_table!(RoutingEvent, RoutingEventRow, "routing_events"),
-        ),
-        (
-            "track_list_events",
-            write_table!(TrackList, TrackListRow, "track_list_events"),
-        ),
-    ];
+    macro_rules! write_all {
+        ($($variant:ident: $row:ident = $table:literal,)*) => {
+            [$(($table, write_table!($variant, $row, $table)),)*]
+        };
+    }
+    let expected = sluice_schemas::with_event_tables!(write_all);
     assert_eq!(
         expected.iter().map(|(_, n)| n).sum::<usize>(),
         13,
@@ -432,7 +413,7 @@ async fn a_table_of_the_wrong_shape_is_refused_naming_the_column() {
         .await
         .expect("create");
     let err = ClickHouseSink::<TrackListRow>::new(client.clone(), "track_list_events")
-        .check_schema(&TrackListRow::default())
+        .check()
         .await
         .expect_err("mismatch");
     let msg = err.to_string();
@@ -442,7 +423,7 @@ async fn a_table_of_the_wrong_shape_is_refused_naming_the_column() {
         "{msg}"
     );
     let missing = ClickHouseSink::<StreamEventRow>::new(client.clone(), "no_such_table")
-        .check_schema(&StreamEventRow::default())
+        .check()
         .await
         .expect_err("missing");
     assert!(!missing.is_transient(), "{missing}");
@@ -650,9 +631,7 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
     let rows = stream_events(12);
     let mut sink = ClickHouseSink::<StreamEventRow>::new(client.clone(), "stream_events")
         .check_range("timestamp");
-    sink.check_schema(&StreamEventRow::default())
-        .await
-        .expect("the table and its landing view");
+    sink.check().await.expect("the table and its landing view");
 
     // Batch A (partitions 0 and 1) lands; it holds rows 0..6, row 3 among them.
     let a_spans = [span(0, 0, 4, None), span(1, 0, 2, None)];
@@ -740,10 +719,7 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
         .execute()
         .await
         .expect("drop the view");
-    let err = sink
-        .check_schema(&StreamEventRow::default())
-        .await
-        .expect_err("no landing view");
+    let err = sink.check().await.expect_err("no landing view");
     assert!(
         !err.is_transient() && err.to_string().contains("sluice_landed_stream_events"),
         "{err}"

@@ -142,11 +142,15 @@ async fn run_drains_good_records_into_tables_and_bad_ones_into_the_dead_letter_t
         "migrate: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = sluice(&config, &env, &["run", "--drain"]);
+    let out = sluice(&config, &env, &["run", "--drain", "--progress"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run: {stderr}");
+    // The progress (a last line where stderr is no terminal) counts the records to drain: every
+    // record of the topic, good and bad.
+    let n = records.len();
     assert!(
-        out.status.success(),
-        "run: {}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains(&format!("drain: {n}/{n} records in ")),
+        "progress: {stderr}"
     );
 
     let client = clickhouse::Client::default()

@@ -171,7 +171,7 @@ async fn unreachable_services_at_start_are_waited_for_and_secrets_stay_hidden() 
         &format!(
             "\"sasl.password\" = \"{KAFKA_SECRET}\"\n\"sasl.username\" = \"u\"\n\"debug\" = \"conf,generic\""
         ),
-        "batch_linger_ms = 100\nusage_max_open_secs = 5",
+        "batch_linger_ms = 100\n[frameworks]\nusage_max_open_secs = 5",
     );
     let env = [
         ("KAFKA_BROKERS", kafka.to_string()),
@@ -211,7 +211,7 @@ async fn unreachable_services_at_start_are_waited_for_and_secrets_stay_hidden() 
     assert!(!status.success());
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        log_text.contains("sluice migrate"),
+        log_text.contains("(run `migrate`)"),
         "names the fix: {log_text}"
     );
 

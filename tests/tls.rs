@@ -109,13 +109,19 @@ async fn kafka_clickhouse_and_postgres_over_verified_tls() {
         ("CLICKHOUSE_DB".to_owned(), db.clone()),
         ("DATABASE_URL".to_owned(), pg_tls(&pg_cert)),
     ];
+    // Validate checks the tables too: migrate first.
+    assert_ok(
+        "migrate over TLS",
+        &sluice(&config, &as_refs(&env), &["migrate"]),
+    );
     let out = sluice(&config, &as_refs(&env), &["validate"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_ok("validate over TLS", &out);
     assert!(
         text.contains("kafka      ok")
             && text.contains("clickhouse ok")
-            && text.contains("postgres   ok"),
+            && text.contains("postgres   ok")
+            && text.contains("table stream_events ok"),
         "{text}"
     );
     let until = (std::time::SystemTime::now()

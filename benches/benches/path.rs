@@ -42,7 +42,8 @@ fn path(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let addr = rt.block_on(discarding_server());
-    let client = sluice_sinks::connect(native_tls::TlsConnector::new().expect("TLS"))
+    let client = sluice_sinks::connect()
+        .expect("TLS")
         .with_url(format!("http://{addr}"))
         .with_validation(false);
 

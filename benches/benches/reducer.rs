@@ -55,15 +55,11 @@ fn events(n: usize) -> Vec<StateEvent> {
 
 async fn fresh_pool() -> (PgPool, String) {
     let url = sluice_testkit::create_pg_database("sluice_bench").await;
+    sluice_worker::migrate::postgres(&url, "frameworks", sluice_schemas::POSTGRES_MIGRATIONS)
+        .await
+        .expect("migrate");
     let pool = PgPool::connect(&url).await.expect("connect");
-    for (_, _, sql) in sluice_schemas_sql() {
-        sqlx::raw_sql(sql).execute(&pool).await.expect("migration");
-    }
     (pool, url)
-}
-
-fn sluice_schemas_sql() -> &'static [(i64, &'static str, &'static str)] {
-    sluice_schemas::POSTGRES_MIGRATIONS
 }
 
 fn ts(t: OffsetDateTime) -> PrimitiveDateTime {

@@ -127,63 +127,51 @@ pub fn sample_events(n: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// micro-benchmarks never store these rows, so the tables' retention does not matter.
 pub const SAMPLE_UNTIL: i64 = 1_793_491_200;
 
-/// Routed rows, one vector per ClickHouse table, as the worker's per-table sinks receive them.
-#[derive(Default)]
-pub struct TableRows {
-    pub stream_events: Vec<StreamEventRow>,
-    pub connection_events: Vec<ConnectionEventRow>,
-    pub stream_health: Vec<StreamHealthRow>,
-    pub viewer_metrics: Vec<ViewerMetricRow>,
-    pub node_metrics: Vec<NodeMetricRow>,
-    pub routing_events: Vec<RoutingEventRow>,
-    pub track_lists: Vec<TrackListRow>,
-}
-
-impl TableRows {
-    /// Adds one routed row to its table's vector.
-    pub fn push(&mut self, row: TableRow) {
-        match row {
-            TableRow::StreamEvent(r) => self.stream_events.push(r),
-            TableRow::ConnectionEvent(r) => self.connection_events.push(r),
-            TableRow::StreamHealth(r) => self.stream_health.push(r),
-            TableRow::ViewerMetric(r) => self.viewer_metrics.push(r),
-            TableRow::NodeMetric(r) => self.node_metrics.push(r),
-            TableRow::RoutingEvent(r) => self.routing_events.push(r),
-            TableRow::TrackList(r) => self.track_lists.push(r),
+macro_rules! table_rows {
+    ($($variant:ident: $row:ident = $table:literal,)*) => {
+        /// Routed rows, one vector per event table (from the one list of them), as the
+        /// worker's per-table sinks receive them.
+        #[allow(non_snake_case)]
+        #[derive(Default)]
+        pub struct TableRows {
+            $(
+                #[doc = concat!("`", $table, "`.")]
+                pub $variant: Vec<$row>,
+            )*
         }
-    }
 
-    /// Rows in all tables.
-    pub fn len(&self) -> usize {
-        self.stream_events.len()
-            + self.connection_events.len()
-            + self.stream_health.len()
-            + self.viewer_metrics.len()
-            + self.node_metrics.len()
-            + self.routing_events.len()
-            + self.track_lists.len()
-    }
+        impl TableRows {
+            /// Adds one routed row to its table's vector.
+            pub fn push(&mut self, row: TableRow) {
+                match row {
+                    $(TableRow::$variant(r) => self.$variant.push(r),)*
+                }
+            }
 
-    /// Whether no table has a row.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+            /// Rows in all tables.
+            pub fn len(&self) -> usize {
+                0 $(+ self.$variant.len())*
+            }
 
-    /// Inserts every table's rows with one INSERT each (RowBinary, the client's default lz4),
-    /// as the worker's ClickHouse sinks do.
-    pub async fn insert(
-        &self,
-        client: &clickhouse::Client,
-    ) -> Result<(), clickhouse::error::Error> {
-        insert(client, "stream_events", &self.stream_events).await?;
-        insert(client, "connection_events", &self.connection_events).await?;
-        insert(client, "stream_health_metrics", &self.stream_health).await?;
-        insert(client, "viewer_metrics", &self.viewer_metrics).await?;
-        insert(client, "node_metrics", &self.node_metrics).await?;
-        insert(client, "routing_events", &self.routing_events).await?;
-        insert(client, "track_list_events", &self.track_lists).await
-    }
+            /// Whether no table has a row.
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+
+            /// Inserts every table's rows with one INSERT each (RowBinary, the client's
+            /// default lz4), as the worker's ClickHouse sinks do.
+            pub async fn insert(
+                &self,
+                client: &clickhouse::Client,
+            ) -> Result<(), clickhouse::error::Error> {
+                $(insert(client, $table, &self.$variant).await?;)*
+                Ok(())
+            }
+        }
+    };
 }
+
+sluice_schemas::with_event_tables!(table_rows);
 
 async fn insert<T>(
     client: &clickhouse::Client,

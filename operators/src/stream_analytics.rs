@@ -37,6 +37,20 @@ impl Reducer for StreamAnalytics {
         state.apply(event);
     }
 
+    fn event_bytes(&self, event: &StateEvent) -> usize {
+        event.bytes()
+    }
+
+    async fn check(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "SELECT tenant_id, internal_name, status, bitrate_kbps, track_details, node_id, \
+             total_bandwidth_gb FROM stream_analytics LIMIT 0",
+        )
+        .execute(&mut *conn)
+        .await
+        .map(|_| ())
+    }
+
     async fn load(
         &self,
         conn: &mut PgConnection,

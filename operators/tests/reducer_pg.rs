@@ -15,10 +15,10 @@ use uuid::Uuid;
 
 async fn migrated_pool() -> (PgPool, String) {
     let url = create_pg_database("sluice_reducer").await;
+    sluice_worker::migrate::postgres(&url, "frameworks", sluice_schemas::POSTGRES_MIGRATIONS)
+        .await
+        .expect("migrate");
     let pool = PgPool::connect(&url).await.expect("connect");
-    for (_, _, sql) in sluice_schemas::POSTGRES_MIGRATIONS {
-        sqlx::raw_sql(sql).execute(&pool).await.expect("migration");
-    }
     (pool, url)
 }
 

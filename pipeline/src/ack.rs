@@ -100,7 +100,20 @@ impl PartitionLedger {
 
     /// Hands out the range `first..=last`. Returns `None` unless it lies after every range
     /// handed out before (a redelivery of offsets already handed out).
+    #[cfg_attr(not(any(test, feature = "test-util")), allow(dead_code))]
     pub fn issue(self: &Arc<Self>, first: i64, last: i64) -> Option<AckHandle> {
+        self.issue_at(first, last, None)
+    }
+
+    /// As [`PartitionLedger::issue`], for records the oldest of which was created at
+    /// `created_ms` (milliseconds since the epoch): sinks report how old it was once they hold
+    /// it ([`AckHandle::created_ms`]).
+    pub fn issue_at(
+        self: &Arc<Self>,
+        first: i64,
+        last: i64,
+        created_ms: Option<i64>,
+    ) -> Option<AckHandle> {
         if first > last {
             return None;
         }
@@ -125,6 +138,7 @@ impl PartitionLedger {
             ledger: self.clone(),
             first,
             last,
+            created_ms,
             shares: AtomicUsize::new(1),
             poisoned: AtomicBool::new(false),
         })))
@@ -174,6 +188,7 @@ struct AckNode {
     ledger: Arc<PartitionLedger>,
     first: i64,
     last: i64,
+    created_ms: Option<i64>,
     shares: AtomicUsize,
     poisoned: AtomicBool,
 }
@@ -227,13 +242,20 @@ impl AckHandle {
         (self.node.first, self.node.last)
     }
 
+    /// When the oldest record of the range was created (its Kafka timestamp, milliseconds
+    /// since the epoch), if the source knew.
+    pub fn created_ms(&self) -> Option<i64> {
+        self.node.created_ms
+    }
+
     /// Identifies the assignment (ledger) the range belongs to; a partition assigned again
     /// gets a new one.
     pub fn assignment(&self) -> u64 {
         self.node.ledger.id
     }
 
-    /// Whether this assignment is over (see [`PartitionLedger::revoke`]).
+    /// Whether this assignment is over (revoked and committed, or lost): what derives from its
+    /// range belongs to the partition's next owner.
     pub fn is_revoked(&self) -> bool {
         self.node.ledger.revoked.load(Ordering::Acquire)
     }

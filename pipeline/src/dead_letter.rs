@@ -109,7 +109,7 @@ impl DeadLetterSink {
         let r = &dl.record;
         let (partition, offset) = (r.partition.to_string(), r.offset.to_string());
         let value_len = r.value.as_ref().map_or(0, |v| v.len()).to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 7);
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 8);
         for (k, v) in &r.headers {
             headers = headers.insert(Header {
                 key: k,
@@ -119,6 +119,7 @@ impl DeadLetterSink {
         for (k, v) in [
             ("error", dl.error.as_str()),
             ("error_stage", dl.stage),
+            ("error_reason", dl.reason),
             ("source_topic", &*r.topic),
             ("source_partition", partition.as_str()),
             ("source_offset", offset.as_str()),

@@ -22,6 +22,9 @@ pub fn install_prometheus() -> Result<PrometheusHandle, metrics_exporter_prometh
             m::FLUSH_SECONDS_BUCKETS,
         )?
         .set_buckets_for_metric(Matcher::Full(m::BATCH_SIZE.into()), m::BATCH_SIZE_BUCKETS)?
+        // Summaries (record ages) over the last five minutes, not the exporter's default one.
+        .set_bucket_duration(std::time::Duration::from_secs(60))?
+        .set_bucket_count(std::num::NonZeroU32::new(5).expect("non-zero"))
         .install_recorder()?;
     // Histograms are folded into their buckets on upkeep; do it regularly.
     let upkeep = handle.clone();

@@ -145,12 +145,38 @@ impl KafkaSourceConfig {
 /// A Kafka consumer-group member as a pipeline source.
 pub struct KafkaSource {
     config: KafkaSourceConfig,
+    progress: DrainProgress,
 }
 
 impl KafkaSource {
     /// A source with these settings (the consumer is created when the pipeline runs).
     pub fn new(config: KafkaSourceConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            progress: DrainProgress::default(),
+        }
+    }
+
+    /// How far its drain has got, while the pipeline runs (drain mode only).
+    pub fn drain_progress(&self) -> DrainProgress {
+        self.progress.clone()
+    }
+}
+
+/// How far a drain has got: records processed since it started, of those it has to
+/// process (every partition of the topics from where the group was to the end offset it had
+/// when the drain started, whichever member processes them).
+#[derive(Clone, Debug, Default)]
+pub struct DrainProgress(Arc<Mutex<Option<(u64, u64)>>>);
+
+impl DrainProgress {
+    /// `(done, total)` records, once the end offsets are known.
+    pub fn get(&self) -> Option<(u64, u64)> {
+        *lock(&self.0)
+    }
+
+    fn set(&self, done: u64, total: u64) {
+        *lock(&self.0) = Some((done.min(total), total));
     }
 }
 
@@ -208,6 +234,7 @@ impl Source for KafkaSource {
                     interned: HashMap::new(),
                     drain_flushed: std::cell::Cell::new(None),
                     drain: Drain::default(),
+                    progress: self.progress,
                 };
                 let result = worker.run();
                 let _ = done_tx.send(result);
@@ -507,6 +534,7 @@ struct Worker {
     /// Drain mode: when the stages were last asked to flush, everything being handed out.
     drain_flushed: std::cell::Cell<Option<Instant>>,
     drain: Drain,
+    progress: DrainProgress,
 }
 
 /// Drain mode: what to reach and what is left.
@@ -521,6 +549,8 @@ struct Drain {
     asked: Option<Instant>,
     /// Partitions not yet done: (partition, where the group is, end).
     left: Vec<(TopicPartition, Option<i64>, i64)>,
+    /// Where each partition was when the drain first saw it (for the progress).
+    base: HashMap<TopicPartition, i64>,
 }
 
 /// How often a drain asks the broker for what it cannot see itself.
@@ -766,7 +796,8 @@ impl Worker {
             for chunk in group.chunks(self.config.max_batch_records.max(1)) {
                 let first = chunk[0].offset();
                 let last = chunk[chunk.len() - 1].offset();
-                let Some(handle) = ledger.issue(first, last) else {
+                let created = chunk.iter().filter_map(|m| m.timestamp().to_millis()).min();
+                let Some(handle) = ledger.issue_at(first, last, created) else {
                     tracing::debug!(source = %self.shared.name, %tp, first, "skipping redelivered offsets already handed out");
                     continue;
                 };
@@ -872,6 +903,26 @@ impl Worker {
         None
     }
 
+    /// Publishes how many records the drain has done and has to do: per partition, from
+    /// where it was when the drain first saw it to its end.
+    fn report_progress(
+        &mut self,
+        ends: &BTreeMap<TopicPartition, (i64, i64)>,
+        left: &[(TopicPartition, Option<i64>, i64)],
+    ) {
+        let (mut done, mut total) = (0u64, 0u64);
+        for (tp, &(low, end)) in ends {
+            let at = left
+                .iter()
+                .find(|(t, _, _)| t == tp)
+                .map_or(end, |(_, at, _)| at.unwrap_or(low).max(low));
+            let base = *self.drain.base.entry(tp.clone()).or_insert(at);
+            total += (end - base).max(0) as u64;
+            done += (at.min(end) - base).max(0) as u64;
+        }
+        self.progress.set(done, total);
+    }
+
     /// Drain mode: whether every partition of the subscribed topics has reached the end
     /// offset it had when the drain started: the ones assigned here acknowledged up to it,
     /// the others committed up to it by the group (whichever member did it). Partitions
@@ -931,6 +982,7 @@ impl Worker {
                 left.push((tp, at, end));
             }
         }
+        self.report_progress(&ends, &left);
         // Everything to drain here is handed out: stages that hold items until more arrive
         // (windows waiting for their watermark) are asked to flush, again every 250 ms while
         // the last items are still on their way to them.

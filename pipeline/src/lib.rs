@@ -30,6 +30,7 @@
 mod ack;
 mod batch;
 mod dead_letter;
+mod decode;
 mod error;
 mod graph;
 pub mod http;
@@ -46,11 +47,12 @@ mod stages;
 pub use ack::{AckHandle, AckSet, TopicPartition};
 pub use batch::{Batch, Delivery};
 pub use dead_letter::{DeadLetter, DeadLetterSink, producer_properties};
+pub use decode::{Decode, DecodePort, Decoded};
 pub use error::{BoxError, ErrorKind, PipelineError, SinkError};
 pub use graph::{
     Flow, FlushTrigger, Pipeline, PipelineConfig, PipelineHandle, Source, SourceContext, Stage,
 };
-pub use kafka::{KafkaRecord, KafkaSource, KafkaSourceConfig, send_waiting};
+pub use kafka::{DrainProgress, KafkaRecord, KafkaSource, KafkaSourceConfig, send_waiting};
 pub use lifecycle::{Health, Shutdown, shutdown_on_signals};
 pub use operator::{AsyncOperator, Operator, Sink};
 pub use retry::RetryPolicy;

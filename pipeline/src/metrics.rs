@@ -17,6 +17,9 @@ pub const SINK_WRITES_IN_FLIGHT: &str = "sluice_sink_writes_in_flight";
 pub const BATCH_SIZE: &str = "sluice_batch_size";
 /// Seconds a sink took to write a batch, retries included (label `stage`).
 pub const FLUSH_SECONDS: &str = "sluice_flush_seconds";
+/// How old the oldest record of each source range was when a sink finished writing what
+/// derives from it (record timestamp to durable write: the end-to-end latency), seconds.
+pub const RECORD_AGE_SECONDS: &str = "sluice_record_age_seconds";
 /// Batches a span batcher cut again along a recorded span, after a redelivery (label `stage`).
 pub const SPANS_REPLAYED: &str = "sluice_spans_replayed_total";
 /// Records fetched from Kafka (labels `topic`, `partition`).

@@ -368,6 +368,7 @@ pub(crate) async fn run_sink<S: Sink>(
     let sizes = metrics::histogram!(m::BATCH_SIZE, "stage" => stage.to_string());
     let latency = metrics::histogram!(m::FLUSH_SECONDS, "stage" => stage.to_string());
     let in_flight = metrics::gauge!(m::SINK_WRITES_IN_FLIGHT, "stage" => stage.to_string());
+    let age = metrics::histogram!(m::RECORD_AGE_SECONDS, "stage" => stage.to_string());
     while let Some(batch) = input.recv().await {
         c.items_in.increment(batch.len() as u64);
         let started = Instant::now();
@@ -382,10 +383,23 @@ pub(crate) async fn run_sink<S: Sink>(
         attempts.succeeded();
         in_flight.decrement(1.0);
         latency.record(started.elapsed().as_secs_f64());
+        record_ages(&age, batch.acks());
         sizes.record(batch.len() as f64);
         c.items_out.increment(batch.len() as u64);
         written.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         batch.ack();
     }
     Ok(())
+}
+
+/// Records, per source range of a written batch, how old its oldest record is now.
+fn record_ages(age: &metrics::Histogram, acks: &AckSet) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    for h in acks.handles() {
+        if let Some(created) = h.created_ms() {
+            age.record((now_ms - created).max(0) as f64 / 1000.0);
+        }
+    }
 }

@@ -259,39 +259,51 @@ impl Default for UsageRow {
     }
 }
 
-/// One row for one of the tables, as the router produces it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum TableRow {
-    /// `stream_events`.
-    StreamEvent(StreamEventRow),
-    /// `connection_events`.
-    ConnectionEvent(ConnectionEventRow),
-    /// `stream_health_metrics`.
-    StreamHealth(StreamHealthRow),
-    /// `viewer_metrics`.
-    ViewerMetric(ViewerMetricRow),
-    /// `node_metrics`.
-    NodeMetric(NodeMetricRow),
-    /// `routing_events`.
-    RoutingEvent(RoutingEventRow),
-    /// `track_list_events`.
-    TrackList(TrackListRow),
+/// Calls the macro `$m` with every event table the worker writes, as `Variant: RowType =
+/// "table"` entries separated by commas: the one list of them, which [`TableRow`], its
+/// [`TableRow::table`], [`EVENT_TABLES`] and the worker's wiring are made from.
+#[macro_export]
+macro_rules! with_event_tables {
+    ($m:ident) => {
+        $m! {
+            StreamEvent: StreamEventRow = "stream_events",
+            ConnectionEvent: ConnectionEventRow = "connection_events",
+            StreamHealth: StreamHealthRow = "stream_health_metrics",
+            ViewerMetric: ViewerMetricRow = "viewer_metrics",
+            NodeMetric: NodeMetricRow = "node_metrics",
+            RoutingEvent: RoutingEventRow = "routing_events",
+            TrackList: TrackListRow = "track_list_events",
+        }
+    };
 }
 
-impl TableRow {
-    /// The table this row belongs to.
-    pub fn table(&self) -> &'static str {
-        match self {
-            TableRow::StreamEvent(_) => "stream_events",
-            TableRow::ConnectionEvent(_) => "connection_events",
-            TableRow::StreamHealth(_) => "stream_health_metrics",
-            TableRow::ViewerMetric(_) => "viewer_metrics",
-            TableRow::NodeMetric(_) => "node_metrics",
-            TableRow::RoutingEvent(_) => "routing_events",
-            TableRow::TrackList(_) => "track_list_events",
+macro_rules! table_row {
+    ($($variant:ident: $row:ident = $table:literal,)*) => {
+        /// One row for one of the event tables, as the router produces it.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum TableRow {
+            $(
+                #[doc = concat!("`", $table, "`.")]
+                $variant($row),
+            )*
         }
-    }
+
+        impl TableRow {
+            /// The table this row belongs to.
+            pub fn table(&self) -> &'static str {
+                match self {
+                    $(TableRow::$variant(_) => $table,)*
+                }
+            }
+        }
+
+        /// The event tables, in the order of [`TableRow`]'s variants (`usage_records`, made
+        /// by windows, is not one of them).
+        pub const EVENT_TABLES: &[&str] = &[$($table),*];
+    };
 }
+
+with_event_tables!(table_row);
 
 /// Bytes a row holds in memory: the struct and its strings' buffers. What a batch's byte limit
 /// counts, so that the limit bounds memory whatever the events carry.
@@ -346,6 +358,11 @@ row_bytes!(RoutingEventRow {
     client_city,
     node_scores,
     routing_metadata
+});
+row_bytes!(UsageRow {
+    cluster_id,
+    usage_type,
+    usage_details
 });
 row_bytes!(TrackListRow {
     internal_name,

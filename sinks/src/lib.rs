@@ -1,10 +1,13 @@
-//! Sinks: ClickHouse batch inserts and PostgreSQL state reduction.
+//! Sinks: ClickHouse batch inserts and PostgreSQL state reduction, both exactly once.
 
-pub mod clickhouse;
-pub mod reducer;
+mod clickhouse;
+mod reducer;
 
 pub use crate::clickhouse::{
-    ClickHouseSink, ClickHouseSpanLog, LANDINGS_TABLE, SPAN_LOG_TABLE, batch_token, classify,
-    connect, dedup_token, landing_view,
+    ClickHouseConnection, ClickHouseSink, ClickHouseSpanLog, ConnectError, Encoder, InsertRequest,
+    LANDINGS_TABLE, SPAN_LOG_TABLE, SerdeRows, batch_token, check_table, classify, connect,
+    dedup_token, error_code, landing_view, landing_view_ddl,
 };
-pub use crate::reducer::{Reducer, ReducerSink, classify_pg, coalesce};
+pub use crate::reducer::{
+    APPLIED_OFFSETS_TABLE, Reducer, ReducerSink, Rows, TableReducer, classify_pg, coalesce,
+};

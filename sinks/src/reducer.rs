@@ -8,11 +8,48 @@ use std::future::Future;
 use std::hash::Hash;
 use std::sync::Arc;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use sluice_pipeline::{Batch, Sink, SinkError, Sourced, TopicPartition};
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 
 /// How a state type is keyed, folded and stored. The sink does the rest: grouping by key,
 /// ordering, transactions, applied offsets and fencing.
+///
+/// ```
+/// use sluice_sinks::{Reducer, Rows};
+/// use sqlx::PgConnection;
+///
+/// /// Orders and cents spent per customer, in `customers (id TEXT PRIMARY KEY, orders BIGINT, cents BIGINT)`.
+/// struct Totals;
+///
+/// impl Reducer for Totals {
+///     type Event = (String, i64); // customer, cents of one order
+///     type Key = String;
+///     type State = (i64, i64);
+///
+///     fn key(&self, e: &Self::Event) -> String { e.0.clone() }
+///     fn fold(&self, s: &mut (i64, i64), e: &Self::Event) { s.0 += 1; s.1 += e.1 }
+///
+///     async fn load(&self, conn: &mut PgConnection, keys: &[String]) -> Result<Rows<Self>, sqlx::Error> {
+///         sqlx::query("INSERT INTO customers (id, orders, cents) SELECT unnest($1::text[]), 0, 0 ON CONFLICT DO NOTHING")
+///             .bind(keys).execute(&mut *conn).await?;
+///         let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+///             "SELECT id, orders, cents FROM customers WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+///             .bind(keys).fetch_all(&mut *conn).await?;
+///         Ok(rows.into_iter().map(|(id, o, c)| (id, (o, c))).collect())
+///     }
+///
+///     async fn store(&self, conn: &mut PgConnection, states: &[(String, (i64, i64))]) -> Result<(), sqlx::Error> {
+///         let (ids, (orders, cents)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
+///             states.iter().map(|(k, s)| (k.as_str(), (s.0, s.1))).unzip();
+///         sqlx::query("UPDATE customers c SET orders = v.o, cents = v.c FROM unnest($1::text[], $2::int8[], $3::int8[]) AS v(id, o, c) WHERE c.id = v.id")
+///             .bind(ids).bind(orders).bind(cents).execute(&mut *conn).await?;
+///         Ok(())
+///     }
+/// }
+/// ```
 pub trait Reducer: Send + Sync + 'static {
     /// What is reduced.
     type Event: Send + Sync + 'static;
@@ -41,10 +78,182 @@ pub trait Reducer: Send + Sync + 'static {
         conn: &mut PgConnection,
         states: &[(Self::Key, Self::State)],
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// The bytes an event takes in memory, which batch limits count (by default its struct
+    /// alone; count the strings it owns too for a bound that holds).
+    fn event_bytes(&self, _event: &Self::Event) -> usize {
+        std::mem::size_of::<Self::Event>()
+    }
+
+    /// Checks at start that the tables `load` and `store` use exist with the columns they
+    /// name (e.g. `SELECT … LIMIT 0`); by default nothing is checked.
+    fn check(
+        &self,
+        _conn: &mut PgConnection,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Keyed states of a reducer, in key order.
 pub type Rows<R> = Vec<(<R as Reducer>::Key, <R as Reducer>::State)>;
+
+/// A reducer whose state is one row per key of a PostgreSQL table, the state's fields being
+/// its columns (by their serde names): [`Reducer::load`] and [`Reducer::store`] are written
+/// for it, one statement each, through JSON (`jsonb_populate_recordset`, `to_jsonb`).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// /// A row of `page_totals (url TEXT PRIMARY KEY, views BIGINT NOT NULL DEFAULT 0, bytes BIGINT NOT NULL DEFAULT 0)`.
+/// #[derive(Clone, Default, Serialize, Deserialize)]
+/// struct PageTotals {
+///     views: i64,
+///     bytes: i64,
+/// }
+///
+/// struct Pages;
+///
+/// impl sluice_sinks::TableReducer for Pages {
+///     type Event = (String, i64); // url, bytes of one view
+///     type Key = String;
+///     type State = PageTotals;
+///     const TABLE: &'static str = "page_totals";
+///     const KEY: &'static str = "url";
+///
+///     fn key(&self, view: &Self::Event) -> String {
+///         view.0.clone()
+///     }
+///
+///     fn fold(&self, t: &mut PageTotals, view: &Self::Event) {
+///         t.views += 1;
+///         t.bytes += view.1;
+///     }
+/// }
+/// ```
+pub trait TableReducer: Send + Sync + 'static {
+    /// What is reduced.
+    type Event: Send + Sync + 'static;
+    /// The key column's value.
+    type Key: Serialize + DeserializeOwned + Clone + Ord + Hash + Send + Sync;
+    /// The other columns (missing rows start from `Default`; the columns' own defaults apply
+    /// to a row until it is first stored).
+    type State: Serialize + DeserializeOwned + Clone + Default + Send + Sync;
+    /// The table.
+    const TABLE: &'static str;
+    /// Its key column (a primary key or unique).
+    const KEY: &'static str;
+
+    /// The row `event` reduces into.
+    fn key(&self, event: &Self::Event) -> Self::Key;
+
+    /// Applies one event to its row's state.
+    fn fold(&self, state: &mut Self::State, event: &Self::Event);
+
+    /// As [`Reducer::event_bytes`].
+    fn event_bytes(&self, _event: &Self::Event) -> usize {
+        std::mem::size_of::<Self::Event>()
+    }
+}
+
+impl<T: TableReducer> Reducer for T {
+    type Event = T::Event;
+    type Key = T::Key;
+    type State = T::State;
+
+    fn key(&self, event: &T::Event) -> T::Key {
+        TableReducer::key(self, event)
+    }
+
+    fn fold(&self, state: &mut T::State, event: &T::Event) {
+        TableReducer::fold(self, state, event);
+    }
+
+    fn event_bytes(&self, event: &T::Event) -> usize {
+        TableReducer::event_bytes(self, event)
+    }
+
+    async fn load(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[T::Key],
+    ) -> Result<Rows<Self>, sqlx::Error> {
+        let (table, key) = (ident(T::TABLE), ident(T::KEY));
+        let keys = Json(
+            keys.iter()
+                .map(|k| Ok(serde_json::json!({ T::KEY: encode(k)? })))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?,
+        );
+        sqlx::query(&format!(
+            "INSERT INTO {table} ({key}) SELECT r.{key} FROM jsonb_populate_recordset(NULL::{table}, $1) r \
+             ORDER BY 1 ON CONFLICT ({key}) DO NOTHING"
+        ))
+        .bind(&keys)
+        .execute(&mut *conn)
+        .await?;
+        let rows: Vec<Json<serde_json::Value>> = sqlx::query_scalar(&format!(
+            "SELECT to_jsonb(t) FROM {table} t WHERE t.{key} IN \
+             (SELECT r.{key} FROM jsonb_populate_recordset(NULL::{table}, $1) r) ORDER BY t.{key} FOR UPDATE OF t"
+        ))
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.into_iter()
+            .map(|Json(row)| {
+                let k = decode(row.get(T::KEY).cloned().unwrap_or_default())?;
+                Ok((k, decode(row)?))
+            })
+            .collect()
+    }
+
+    async fn store(
+        &self,
+        conn: &mut PgConnection,
+        states: &[(T::Key, T::State)],
+    ) -> Result<(), sqlx::Error> {
+        let (table, key) = (ident(T::TABLE), ident(T::KEY));
+        let serde_json::Value::Object(columns) = encode(&T::State::default())? else {
+            return Err(sqlx::Error::Encode(
+                format!("the state of `{}` is not a struct of columns", T::TABLE).into(),
+            ));
+        };
+        let set: Vec<String> = columns
+            .keys()
+            .map(|c| format!("{0} = r.{0}", ident(c)))
+            .collect();
+        let rows = states
+            .iter()
+            .map(|(k, s)| {
+                let mut row = encode(s)?;
+                if let serde_json::Value::Object(o) = &mut row {
+                    o.insert(T::KEY.to_owned(), encode(k)?);
+                }
+                Ok(row)
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        sqlx::query(&format!(
+            "UPDATE {table} t SET {} FROM jsonb_populate_recordset(NULL::{table}, $1) r WHERE t.{key} = r.{key}",
+            set.join(", ")
+        ))
+        .bind(Json(rows))
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// A PostgreSQL identifier, double-quoted.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn encode(value: &impl Serialize) -> Result<serde_json::Value, sqlx::Error> {
+    serde_json::to_value(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+fn decode<V: DeserializeOwned>(value: serde_json::Value) -> Result<V, sqlx::Error> {
+    serde_json::from_value(value).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
 
 /// Folds `events` in order onto `states` (rows that are missing start from `Default`):
 /// the same result as applying them one at a time.

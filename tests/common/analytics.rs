@@ -256,7 +256,7 @@ impl Setup {
         let config = config_path("sluice_sa");
         // Live runs end with their last usage windows open: close them after 5 s of quiet
         // rather than the default 150 s, so the tail is committed soon.
-        let pipeline = format!("{pipeline}\nusage_max_open_secs = 5");
+        let pipeline = format!("{pipeline}\n[frameworks]\nusage_max_open_secs = 5");
         write_config(&config, session_ms, "", &pipeline);
         assert_ok("migrate", &sluice(&config, &as_refs(&env), &["migrate"]));
         let (events_s, partitions_s, rate_s, permille_s) = (

@@ -6,15 +6,8 @@ pub mod analytics;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-pub const TABLES: [&str; 7] = [
-    "stream_events",
-    "connection_events",
-    "stream_health_metrics",
-    "viewer_metrics",
-    "node_metrics",
-    "routing_events",
-    "track_list_events",
-];
+/// The event tables (from the one list of them, `sluice_schemas::with_event_tables!`).
+pub use sluice_schemas::EVENT_TABLES as TABLES;
 
 /// `sluice ARGS --config CONFIG` with `env`, quiet logs and no health endpoint.
 pub fn sluice(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
@@ -99,7 +92,7 @@ pub async fn table_digests(db: &str) -> Vec<(String, u64, u64)> {
             .fetch_one()
             .await
             .expect("digest");
-        out.push((table.to_owned(), n, digest));
+        out.push((table.to_string(), n, digest));
     }
     out
 }

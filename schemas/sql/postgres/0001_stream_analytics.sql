@@ -37,15 +37,3 @@ CREATE TABLE IF NOT EXISTS stream_analytics (
     created_at             TIMESTAMP DEFAULT NOW(),
     UNIQUE (tenant_id, internal_name)
 );
-
--- The worker's bookkeeping: per consumer group and partition, the next offset whose effects
--- are not yet in the state tables. Written in the same transaction as the state, so a
--- redelivered record below it is recognised and skipped.
-CREATE TABLE IF NOT EXISTS sluice_applied_offsets (
-    group_id    TEXT    NOT NULL,
-    topic       TEXT    NOT NULL,
-    partition   INTEGER NOT NULL,
-    next_offset BIGINT  NOT NULL,
-    updated_at  TIMESTAMP NOT NULL DEFAULT NOW(),
-    PRIMARY KEY (group_id, topic, partition)
-);

@@ -1,11 +1,15 @@
-//! The worker's configuration: a TOML file, then the environment variables the Go worker used
-//! (so that Sluice drops in where it ran), then validation that names the offending key.
+//! A worker's configuration: a TOML file, then the environment (the variables FrameWorks' Go
+//! worker used, so that a Sluice worker drops in where it ran, and the pipeline's own), then
+//! validation that names the offending key. The framework's sections are `[kafka]`,
+//! `[clickhouse]`, `[postgres]`, `[pipeline]`, `[health]` and `[log]`; a pipeline adds one of
+//! its own ([`Settings`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// A configuration error, naming the key (or environment variable) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -36,17 +40,24 @@ pub enum ConfigError {
     },
 }
 
-pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+/// An invalid value of `key`, saying why (for a pipeline's own [`Settings::validate`]).
+pub fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         message: message.into(),
     }
 }
 
-/// A value never shown in logs, metrics or `validate` output.
+/// A value never shown in logs, metrics or `validate` output (it serialises as `***`).
 #[derive(Clone, Default, Deserialize, PartialEq)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
 
 impl Secret {
     /// Wraps a secret.
@@ -66,15 +77,81 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
+/// A pipeline's own section of the configuration file, `[SECTION]`, deserialised into the
+/// pipeline's type (unknown keys are refused, naming the key, with `#[serde(deny_unknown_fields)]`).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Default, Deserialize, Serialize)]
+/// #[serde(default, deny_unknown_fields)]
+/// struct Shop {
+///     /// Currency the totals are kept in.
+///     currency: String,
+/// }
+///
+/// impl sluice_worker::Settings for Shop {
+///     const SECTION: &'static str = "shop";
+///
+///     fn apply_env(
+///         &mut self,
+///         env: &dyn Fn(&str) -> Option<String>,
+///     ) -> Result<(), sluice_worker::ConfigError> {
+///         if let Some(c) = env("SHOP_CURRENCY") {
+///             self.currency = c;
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Settings:
+    DeserializeOwned + Serialize + Default + Clone + fmt::Debug + Send + Sync + 'static
+{
+    /// The section's name in the file (`[shop]`); empty for a pipeline without one.
+    const SECTION: &'static str;
+
+    /// Overrides from the environment.
+    fn apply_env(&mut self, _env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    /// Checks the values, naming the first bad key (`shop.currency`).
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+/// The settings of a pipeline without a section of its own.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoSettings {}
+
+impl Settings for NoSettings {
+    const SECTION: &'static str = "";
+}
+
+/// What a pipeline names by default: its consumer group, topics and ClickHouse database
+/// (each used when neither the file nor the environment sets it).
+#[derive(Clone, Debug, Default)]
+pub struct Identity {
+    /// The pipeline's name (the migrations' scope, and the default group and database).
+    pub name: String,
+    /// `kafka.group_id`; default: the name.
+    pub group_id: Option<String>,
+    /// `kafka.topics`; none: the configuration must name them.
+    pub topics: Vec<String>,
+    /// `clickhouse.database`; default: the name.
+    pub database: Option<String>,
+}
+
+/// The whole configuration: the framework's sections and the pipeline's own.
+#[derive(Clone, Debug, Default)]
+pub struct Config<S = NoSettings> {
     /// Kafka source (and dead-letter producer).
     pub kafka: KafkaConfig,
-    /// ClickHouse sink.
+    /// ClickHouse sinks.
     pub clickhouse: ClickHouseConfig,
-    /// PostgreSQL reducer (on when `url` is set).
+    /// PostgreSQL reducers (on when `url` is set).
     pub postgres: PostgresConfig,
     /// Runtime settings.
     pub pipeline: PipelineSettings,
@@ -82,6 +159,22 @@ pub struct Config {
     pub health: HealthConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The pipeline's own section.
+    pub settings: S,
+}
+
+/// The file as the framework reads it: its sections, and the rest for the pipeline.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct File {
+    kafka: KafkaConfig,
+    clickhouse: ClickHouseConfig,
+    postgres: PostgresConfig,
+    pipeline: PipelineSettings,
+    health: HealthConfig,
+    log: LogConfig,
+    #[serde(flatten)]
+    rest: BTreeMap<String, toml::Value>,
 }
 
 /// `[kafka]`: Sluice's own keys; every other key is a librdkafka property, passed verbatim
@@ -110,8 +203,9 @@ impl Default for KafkaConfig {
     fn default() -> Self {
         Self {
             brokers: "127.0.0.1:9092".into(),
-            group_id: "periscope-ingest".into(),
-            topics: vec!["analytics_events".into()],
+            // Empty: the pipeline's default (see `Identity`).
+            group_id: String::new(),
+            topics: Vec::new(),
             client_id: "sluice".into(),
             dlq_topic: None,
             commit_interval_ms: 1000,
@@ -126,6 +220,7 @@ impl KafkaConfig {
     pub fn producer_client(&self) -> Result<rdkafka::ClientConfig, ConfigError> {
         let mut client = rdkafka::ClientConfig::new();
         client.set("bootstrap.servers", &self.brokers);
+        client.set("client.id", &self.client_id);
         let options = self.librdkafka_options()?;
         for (k, v) in sluice_pipeline::producer_properties(&options) {
             client.set(k, v);
@@ -200,7 +295,8 @@ impl Default for ClickHouseConfig {
     fn default() -> Self {
         Self {
             host: "127.0.0.1:8123".into(),
-            database: "frameworks".into(),
+            // Empty: the pipeline's default (see `Identity`).
+            database: String::new(),
             user: "default".into(),
             password: Secret::default(),
             ca_file: None,
@@ -260,19 +356,20 @@ pub struct PostgresConfig {
     pub url: Option<Secret>,
 }
 
-/// `[pipeline]`: batching, concurrency, queues, retries, shutdown.
+/// `[pipeline]`: batching, concurrency, queues, retries, shutdown (for every table a pipeline
+/// writes).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineSettings {
     /// Batches per queue between stages.
     pub queue_capacity: usize,
-    /// Rows per ClickHouse insert at most.
+    /// Rows per insert at most.
     pub batch_max_rows: usize,
-    /// Bytes per ClickHouse insert at most, counted as the rows take in memory.
+    /// Bytes per insert at most, counted as the rows take in memory.
     pub batch_max_bytes: usize,
     /// How long a batch may wait to fill, milliseconds.
     pub batch_linger_ms: u64,
-    /// Concurrent inserts per table.
+    /// Concurrent inserts per ClickHouse table.
     pub insert_concurrency: usize,
     /// One batch per table holds the rows of all partitions (one insert per linger or per
     /// `batch_max_rows`, however many partitions); `false` cuts one batch per partition,
@@ -284,16 +381,6 @@ pub struct PipelineSettings {
     pub max_backoff_ms: u64,
     /// How long a graceful shutdown may take, seconds.
     pub drain_deadline_secs: u64,
-    /// Cluster id written to `usage_records`.
-    pub cluster_id: String,
-    /// `usage_records` window length, seconds.
-    pub usage_window_secs: u64,
-    /// How far behind the latest event time a usage event may be and still join its window,
-    /// seconds; later ones are counted in one more row for that window.
-    pub usage_lateness_secs: u64,
-    /// A usage window still open after this many seconds of wall time closes anyway (idle
-    /// partitions).
-    pub usage_max_open_secs: u64,
 }
 
 impl Default for PipelineSettings {
@@ -308,10 +395,6 @@ impl Default for PipelineSettings {
             max_retries: None,
             max_backoff_ms: 10_000,
             drain_deadline_secs: 30,
-            cluster_id: "default".into(),
-            usage_window_secs: 60,
-            usage_lateness_secs: 30,
-            usage_max_open_secs: 150,
         }
     }
 }
@@ -365,32 +448,94 @@ pub enum LogFormat {
     Json,
 }
 
-impl Config {
-    /// Reads `path` (if given), applies the environment, validates.
+impl<S: Settings> Config<S> {
+    /// Reads `path` (if given), applies the environment, fills in what the pipeline names by
+    /// default (`identity`), validates.
     pub fn load(
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+        identity: &Identity,
+    ) -> Result<Self, ConfigError> {
         let mut config = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.into(),
                     source,
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
                     path: path.into(),
-                    message: e.to_string(),
+                    message,
                 })?
             }
-            None => Config::default(),
+            None => Self::default(),
         };
-        config.apply_env(env)?;
+        config.apply_env(&env)?;
+        config.settings.apply_env(&env)?;
+        config.fill_in(identity);
         config.validate()?;
         Ok(config)
     }
 
-    /// Overrides from the FrameWorks environment variables.
-    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    /// The configuration a file's text holds (nothing filled in, nothing validated).
+    fn parse(text: &str) -> Result<Self, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut settings = S::default();
+        for (key, value) in file.rest {
+            if !S::SECTION.is_empty() && key == S::SECTION {
+                settings = value
+                    .try_into()
+                    .map_err(|e: toml::de::Error| format!("[{key}]: {}", e.message()))?;
+            } else {
+                let mut known = vec![
+                    "kafka",
+                    "clickhouse",
+                    "postgres",
+                    "pipeline",
+                    "health",
+                    "log",
+                ];
+                if !S::SECTION.is_empty() {
+                    known.push(S::SECTION);
+                }
+                return Err(format!(
+                    "unknown section `{key}` (known: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+        Ok(Self {
+            kafka: file.kafka,
+            clickhouse: file.clickhouse,
+            postgres: file.postgres,
+            pipeline: file.pipeline,
+            health: file.health,
+            log: file.log,
+            settings,
+        })
+    }
+
+    /// Where neither the file nor the environment named them: the pipeline's group, topics
+    /// and database.
+    fn fill_in(&mut self, identity: &Identity) {
+        if self.kafka.group_id.trim().is_empty() {
+            self.kafka.group_id = identity
+                .group_id
+                .clone()
+                .unwrap_or_else(|| identity.name.clone());
+        }
+        if self.kafka.topics.is_empty() {
+            self.kafka.topics = identity.topics.clone();
+        }
+        if self.clickhouse.database.trim().is_empty() {
+            self.clickhouse.database = identity
+                .database
+                .clone()
+                .unwrap_or_else(|| identity.name.clone());
+        }
+    }
+
+    /// Overrides from the environment variables FrameWorks' Go worker used.
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let list = |v: String| {
             v.split(',')
                 .map(str::trim)
@@ -406,6 +551,9 @@ impl Config {
         }
         if let Some(v) = env("KAFKA_TOPICS") {
             self.kafka.topics = list(v);
+            if self.kafka.topics.is_empty() {
+                return Err(invalid("KAFKA_TOPICS", "names no topic"));
+            }
         }
         if let Some(v) = env("KAFKA_CLIENT_ID") {
             self.kafka.client_id = v;
@@ -486,11 +634,6 @@ impl Config {
             ("pipeline.batch_max_rows", p.batch_max_rows),
             ("pipeline.batch_max_bytes", p.batch_max_bytes),
             ("pipeline.insert_concurrency", p.insert_concurrency),
-            ("pipeline.usage_window_secs", p.usage_window_secs as usize),
-            (
-                "pipeline.usage_max_open_secs",
-                p.usage_max_open_secs as usize,
-            ),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -505,7 +648,7 @@ impl Config {
                 format!("`{}` is not a level or filter: {e}", self.log.level),
             )
         })?;
-        Ok(())
+        self.settings.validate()
     }
 
     /// The effective settings as TOML, with every secret replaced by `***`.
@@ -585,19 +728,6 @@ impl Config {
             "pipeline.drain_deadline_secs",
             p.drain_deadline_secs.to_string(),
         );
-        line("pipeline.cluster_id", quote(&p.cluster_id));
-        line(
-            "pipeline.usage_window_secs",
-            p.usage_window_secs.to_string(),
-        );
-        line(
-            "pipeline.usage_lateness_secs",
-            p.usage_lateness_secs.to_string(),
-        );
-        line(
-            "pipeline.usage_max_open_secs",
-            p.usage_max_open_secs.to_string(),
-        );
         line("health.enabled", self.health.enabled.to_string());
         line("health.port", self.health.port.to_string());
         line("log.level", quote(&self.log.level));
@@ -609,7 +739,23 @@ impl Config {
                 "text"
             }),
         );
+        if !S::SECTION.is_empty()
+            && let Ok(toml::Value::Table(table)) = toml::Value::try_from(&self.settings)
+        {
+            flatten(S::SECTION, &table, &mut line);
+        }
         out
+    }
+}
+
+/// `table`'s values as `prefix.key = value` lines (secrets already `***`).
+fn flatten(prefix: &str, table: &toml::Table, line: &mut impl FnMut(&str, String)) {
+    for (k, v) in table {
+        let key = format!("{prefix}.{k}");
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, line),
+            v => line(&key, v.to_string()),
+        }
     }
 }
 
@@ -657,13 +803,29 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
-    fn err_of(r: Result<Config, ConfigError>) -> String {
+    fn err_of<S: Settings>(r: Result<Config<S>, ConfigError>) -> String {
         r.expect_err("must fail").to_string()
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            name: "frameworks".into(),
+            group_id: Some("periscope-ingest".into()),
+            topics: vec!["analytics_events".into()],
+            database: None,
+        }
+    }
+
+    fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Config::load(path, env, &identity())
     }
 
     #[test]
     fn environment_overrides_defaults_with_the_go_worker_names() {
-        let c = Config::load(
+        let c = load(
             None,
             env_of(&[
                 ("KAFKA_BROKERS", "a:9092, b:9092"),
@@ -721,25 +883,15 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
+        assert!(err_of(load(None, env_of(&[("KAFKA_TOPICS", " , ")]))).contains("KAFKA_TOPICS"));
+        assert!(err_of(load(None, env_of(&[("HEALTH_PORT", "http")]))).contains("HEALTH_PORT"));
+        assert!(err_of(load(None, env_of(&[("LOG_LEVEL", "loud=[")]))).contains("LOG_LEVEL"));
         assert!(
-            err_of(Config::load(None, env_of(&[("HEALTH_PORT", "http")]))).contains("HEALTH_PORT")
+            err_of(load(None, env_of(&[("DATABASE_URL", "mysql://x")]))).contains("DATABASE_URL")
         );
         assert!(
-            err_of(Config::load(None, env_of(&[("KAFKA_TOPICS", " , ")]))).contains("KAFKA_TOPICS")
-        );
-        assert!(
-            err_of(Config::load(None, env_of(&[("LOG_LEVEL", "loud=[")]))).contains("LOG_LEVEL")
-        );
-        assert!(
-            err_of(Config::load(None, env_of(&[("DATABASE_URL", "mysql://x")])))
-                .contains("DATABASE_URL")
-        );
-        assert!(
-            err_of(Config::load(
-                None,
-                env_of(&[("CLICKHOUSE_HOST", "ch:9000")])
-            ))
-            .contains("CLICKHOUSE_HOST")
+            err_of(load(None, env_of(&[("CLICKHOUSE_HOST", "ch:9000")])))
+                .contains("CLICKHOUSE_HOST")
         );
     }
 
@@ -753,7 +905,7 @@ mod tests {
             "[kafka]\nbrokers = \"k:9092\"\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"s3cret\"\n\"fetch.max.bytes\" = 1048576\n[pipeline]\nbatch_max_rows = 1000\n",
         )
         .unwrap();
-        let c = Config::load(Some(&path), env_of(&[])).expect("valid");
+        let c = load(Some(&path), env_of(&[])).expect("valid");
         let opts = c.kafka.librdkafka_options().unwrap();
         assert_eq!(opts["security.protocol"], "SASL_SSL");
         assert_eq!(opts["fetch.max.bytes"], "1048576");
@@ -761,18 +913,100 @@ mod tests {
         assert!(!c.redacted().contains("s3cret"));
 
         std::fs::write(&path, "[pipeline]\nbatch_max_rowz = 5\n").unwrap();
-        assert!(err_of(Config::load(Some(&path), env_of(&[]))).contains("batch_max_rowz"));
+        assert!(err_of(load(Some(&path), env_of(&[]))).contains("batch_max_rowz"));
         std::fs::write(&path, "[pipeline]\nqueue_capacity = 0\n").unwrap();
-        assert!(err_of(Config::load(Some(&path), env_of(&[]))).contains("pipeline.queue_capacity"));
+        assert!(err_of(load(Some(&path), env_of(&[]))).contains("pipeline.queue_capacity"));
         std::fs::write(&path, "[health]\nport = \"x\"\n").unwrap();
-        assert!(err_of(Config::load(Some(&path), env_of(&[]))).contains("port"));
+        assert!(err_of(load(Some(&path), env_of(&[]))).contains("port"));
         std::fs::write(&path, "[clickhouse]\ncompression = \"none\"\n").unwrap();
-        let c = Config::load(Some(&path), env_of(&[])).expect("valid");
+        let c = load(Some(&path), env_of(&[])).expect("valid");
         assert_eq!(c.clickhouse.compression, InsertCompression::None);
         assert!(c.redacted().contains("clickhouse.compression = \"none\""));
         std::fs::write(&path, "[clickhouse]\ncompression = \"zstd\"\n").unwrap();
-        let e = err_of(Config::load(Some(&path), env_of(&[])));
+        let e = err_of(load(Some(&path), env_of(&[])));
         assert!(e.contains("compression") && e.contains("zstd"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize, Serialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Shop {
+        currency: String,
+        api_key: Secret,
+        retention_days: u32,
+    }
+
+    impl Settings for Shop {
+        const SECTION: &'static str = "shop";
+
+        fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+            if let Some(c) = env("SHOP_CURRENCY") {
+                self.currency = c;
+            }
+            Ok(())
+        }
+
+        fn validate(&self) -> Result<(), ConfigError> {
+            if self.retention_days == 0 {
+                return Err(invalid("shop.retention_days", "must be at least 1"));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_pipeline_section_is_read_checked_overridden_and_shown_redacted() {
+        let dir = std::env::temp_dir().join(format!("sluice-shop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shop.toml");
+        let shop = |text: &str, env: &[(&str, &str)]| {
+            std::fs::write(&path, text).unwrap();
+            Config::<Shop>::load(
+                Some(&path),
+                env_of(env),
+                &Identity {
+                    name: "webshop".into(),
+                    topics: vec!["shop_events".into()],
+                    ..Identity::default()
+                },
+            )
+        };
+        let c = shop(
+            "[shop]\ncurrency = \"EUR\"\napi_key = \"k3y\"\nretention_days = 7\n",
+            &[("SHOP_CURRENCY", "CHF")],
+        )
+        .expect("valid");
+        assert_eq!(
+            (c.settings.currency.as_str(), c.settings.retention_days),
+            ("CHF", 7)
+        );
+        assert_eq!(c.settings.api_key.expose(), "k3y");
+        assert_eq!(
+            (c.kafka.group_id.as_str(), c.clickhouse.database.as_str()),
+            ("webshop", "webshop"),
+            "the pipeline's name, where nothing else names them"
+        );
+        let shown = c.redacted();
+        assert!(shown.contains("shop.currency = \"CHF\""), "{shown}");
+        assert!(
+            shown.contains("shop.api_key = \"***\"") && !shown.contains("k3y"),
+            "{shown}"
+        );
+        let e = err_of(shop("[shop]\ncurency = \"EUR\"\n", &[]));
+        assert!(e.contains("[shop]") && e.contains("curency"), "{e}");
+        let e = err_of(shop("[shop]\nretention_days = 0\n", &[]));
+        assert!(e.contains("shop.retention_days"), "{e}");
+        let e = err_of(shop("[shoop]\nretention_days = 1\n", &[]));
+        assert!(e.contains("`shoop`") && e.contains("shop"), "{e}");
+        let e = err_of(Config::<NoSettings>::load(
+            None,
+            env_of(&[]),
+            &Identity {
+                name: "x".into(),
+                ..Identity::default()
+            },
+        ));
+        assert!(e.contains("kafka.topics"), "no topic named anywhere: {e}");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

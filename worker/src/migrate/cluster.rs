@@ -41,16 +41,17 @@ impl ClusterTarget<'_> {
     }
 
     /// The migrations ledger: one replica group across the whole cluster (not per shard), so
-    /// that `sluice migrate` sees the same history whichever node it reaches.
+    /// that `migrate` sees the same history whichever node it reaches.
     pub fn migrations_table(&self) -> String {
         format!(
-            "CREATE TABLE IF NOT EXISTS {db}.sluice_migrations ON CLUSTER {c} \
-             (version UInt32, name String, applied_at DateTime DEFAULT now()) \
-             ENGINE = ReplicatedReplacingMergeTree('/clickhouse/sluice/{path}/sluice_migrations', '{{shard}}-{{replica}}') \
-             ORDER BY version",
+            "CREATE TABLE IF NOT EXISTS {db}.{ledger} ON CLUSTER {c} \
+             (scope LowCardinality(String), version UInt32, name String, applied_at DateTime DEFAULT now()) \
+             ENGINE = ReplicatedReplacingMergeTree('/clickhouse/sluice/{path}/{ledger}', '{{shard}}-{{replica}}') \
+             ORDER BY (scope, version)",
             db = quote(self.database),
             c = quote(self.cluster),
             path = self.database,
+            ledger = super::LEDGER,
         )
     }
 
@@ -251,17 +252,36 @@ fn order_by_columns(tail: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CLICKHOUSE_MIGRATIONS, sql_statements};
+    use crate::migrate::{FRAMEWORK_CLICKHOUSE, sql_statements};
+
+    /// A pipeline's tables, as FrameWorks' are: plain and aggregating tables deduplicating
+    /// their inserts, a materialised view between two of them, and a view over the states.
+    const PIPELINE: &str = "
+        CREATE TABLE IF NOT EXISTS events (t DateTime, k String) ENGINE = MergeTree
+        ORDER BY (t, k) SETTINGS non_replicated_deduplication_window = 10000;
+        CREATE TABLE IF NOT EXISTS per_minute (m DateTime, n AggregateFunction(count)) ENGINE = AggregatingMergeTree
+        ORDER BY m SETTINGS non_replicated_deduplication_window = 10000;
+        CREATE MATERIALIZED VIEW IF NOT EXISTS per_minute_mv TO per_minute AS
+        SELECT toStartOfMinute(t) AS m, countState() AS n FROM events GROUP BY m;
+        CREATE VIEW IF NOT EXISTS per_minute_view AS SELECT m, countMerge(n) AS n FROM per_minute GROUP BY m";
 
     const TARGET: ClusterTarget<'static> = ClusterTarget {
         cluster: "analytics",
         database: "frameworks",
     };
 
-    fn all() -> Vec<String> {
-        CLICKHOUSE_MIGRATIONS
+    fn sources() -> Vec<&'static str> {
+        FRAMEWORK_CLICKHOUSE
             .iter()
-            .flat_map(|(_, _, sql)| {
+            .map(|(_, _, sql)| *sql)
+            .chain([PIPELINE])
+            .collect()
+    }
+
+    fn all() -> Vec<String> {
+        sources()
+            .into_iter()
+            .flat_map(|sql| {
                 TARGET
                     .rewrite_all(&sql_statements(sql))
                     .expect("every migration has a cluster variant")
@@ -272,17 +292,14 @@ mod tests {
     #[test]
     fn every_merge_tree_table_gets_a_replicated_local_table_and_a_distributed_one() {
         let ddl = all();
-        let single: Vec<String> = CLICKHOUSE_MIGRATIONS
-            .iter()
-            .flat_map(|(_, _, sql)| sql_statements(sql))
-            .collect();
+        let single: Vec<String> = sources().into_iter().flat_map(sql_statements).collect();
         let tables = single
             .iter()
             .filter(|s| s.contains("MergeTree"))
             .filter_map(|s| strip_words(s, &["CREATE", "TABLE", "IF", "NOT", "EXISTS"]))
             .filter_map(|s| split_ident(s).map(|(n, _)| n))
             .collect::<Vec<_>>();
-        assert_eq!(tables.len(), 11, "{tables:?}");
+        assert_eq!(tables.len(), 4, "{tables:?}");
         for t in tables {
             let local = ddl
                 .iter()
@@ -311,7 +328,7 @@ mod tests {
             .filter(|s| s.contains("replicated_deduplication_window = 10000"))
             .count();
         assert_eq!(
-            deduplicated, 10,
+            deduplicated, 3,
             "every table but the span ledger deduplicates, the landings included"
         );
     }
@@ -322,21 +339,18 @@ mod tests {
         let mv = ddl
             .iter()
             .find(|s| s.contains("MATERIALIZED VIEW"))
-            .expect("the 5-minute view");
+            .expect("the per-minute view");
         assert!(
-            mv.starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS `frameworks`.`viewer_metrics_5m_mv` ON CLUSTER `analytics` TO `frameworks`.`viewer_metrics_5m_states_local` AS"),
+            mv.starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS `frameworks`.`per_minute_mv` ON CLUSTER `analytics` TO `frameworks`.`per_minute_local` AS"),
             "{mv}"
         );
-        assert!(
-            mv.contains("FROM `frameworks`.`viewer_metrics_local`"),
-            "{mv}"
-        );
+        assert!(mv.contains("FROM `frameworks`.`events_local`"), "{mv}");
         let view = ddl
             .iter()
             .find(|s| s.starts_with("CREATE VIEW"))
             .expect("the finished view");
         assert!(
-            view.contains("FROM `frameworks`.`viewer_metrics_5m_states` "),
+            view.contains("FROM `frameworks`.`per_minute` "),
             "the finished view merges the states of every shard: {view}"
         );
     }
