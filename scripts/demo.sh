@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on this machine: services up, migrate, generate 1,000,000 FrameWorks
 # events, run the worker in drain mode with a live progress line, then show what landed:
-# rows per table, viewer_metrics_5m, the top streams of stream_analytics and the usage totals.
+# rows per table, the busiest five-minute windows by viewer reports, the top streams of
+# stream_analytics and the usage totals.
 # EVENTS=N overrides the number of events. Stream state is reduced into a fresh PostgreSQL
 # database (DATABASE_URL overrides it).
 set -euo pipefail
@@ -35,17 +36,17 @@ end=$(date +%s.%N)
 
 q() { curl -sS --fail "http://127.0.0.1:8123/?database=$CLICKHOUSE_DB" --data-binary "$1"; }
 echo "== rows per table ($CLICKHOUSE_DB)"
-total=0
-for t in stream_events connection_events stream_health_metrics viewer_metrics node_metrics routing_events track_list_events; do
-  n=$(q "SELECT count() FROM $t")
-  total=$((total + n))
-  printf '  %-22s %9d\n' "$t" "$n"
-done
-printf '  %-22s %9d\n' "(all tables)" "$total"
+q "SELECT table, sum(rows) AS rows FROM system.parts WHERE database = currentDatabase() AND active
+   AND table NOT LIKE 'sluice_%' AND table NOT LIKE '%_states' GROUP BY table ORDER BY table
+   FORMAT PrettyCompactMonoBlock"
 awk -v e="$EVENTS" -v s="$start" -v t="$end" 'BEGIN { printf "== %d events in %.1f s (group join included): %.0f events/s\n", e, t - s, e / (t - s) }'
-echo "== viewer_metrics_5m: busiest five-minute windows"
-q "SELECT timestamp_5m, internal_name, node_id, peak_viewers, round(avg_viewers, 2) AS avg_viewers, unique_countries, round(avg_connection_quality, 3) AS quality FROM viewer_metrics_5m ORDER BY peak_viewers DESC, avg_viewers DESC LIMIT 5 FORMAT PrettyCompactMonoBlock"
-echo "== stream_analytics: top streams by peak viewers"
+echo "== busiest five-minute windows: viewer reports (one per connected viewer and report) per stream"
+q "SELECT toStartOfInterval(timestamp, INTERVAL 5 MINUTE) AS five_minutes, internal_name,
+   sum(viewer_count) AS viewer_reports, uniqExact(node_id) AS nodes,
+   round(avg(connection_quality), 3) AS quality, round(avg(buffer_health), 3) AS buffer
+   FROM viewer_metrics GROUP BY five_minutes, internal_name
+   ORDER BY viewer_reports DESC LIMIT 5 FORMAT PrettyCompactMonoBlock"
+echo "== stream_analytics: top streams by peak viewers (the same streams lead above)"
 psql -q "$DATABASE_URL" -c "SELECT left(tenant_id::text, 8) AS tenant, internal_name, status, current_viewers AS viewers, peak_viewers AS peak, total_connections AS connections, round(total_bandwidth_gb, 3) AS gb, node_id, last_updated FROM stream_analytics ORDER BY peak_viewers DESC, total_connections DESC LIMIT 8"
 echo "== usage_records: totals per usage type (one-minute windows per tenant and partition)"
 q "SELECT cluster_id, usage_type, billing_month, count() AS rows, uniqExact(tenant_id) AS tenants, formatReadableQuantity(sum(usage_value)) AS total FROM usage_records GROUP BY cluster_id, usage_type, billing_month ORDER BY usage_type FORMAT PrettyCompactMonoBlock"

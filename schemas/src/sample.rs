@@ -17,8 +17,9 @@ pub struct Generator {
     tenants: Vec<Uuid>,
     streams_per_tenant: usize,
     nodes: Vec<String>,
-    /// Open viewer sessions: (tenant index, stream index, session id, connected at).
-    sessions: Vec<(usize, usize, String, i64)>,
+    /// Open viewer sessions: (tenant index, stream index, session id, connected at, node
+    /// index).
+    sessions: Vec<(usize, usize, String, i64, usize)>,
     start: i64,
     span_secs: i64,
     total: u64,
@@ -118,11 +119,18 @@ impl Generator {
         let ts = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
             .unwrap_or_else(|_| OffsetDateTime::now_utc());
         let kind = self.pick_kind();
-        let t = self.rng.random_range(0..self.tenants.len());
-        let s = self.rng.random_range(0..self.streams_per_tenant);
+        let mut t = self.rng.random_range(0..self.tenants.len());
+        let mut s = self.rng.random_range(0..self.streams_per_tenant);
+        let mut node = self.nodes[self.rng.random_range(0..self.nodes.len())].clone();
+        // A client report comes from a connected viewer: streams with more viewers send more
+        // of them, from the nodes their viewers are on.
+        if kind == "client-lifecycle" && !self.sessions.is_empty() {
+            let viewer = &self.sessions[self.rng.random_range(0..self.sessions.len())];
+            (t, s) = (viewer.0, viewer.1);
+            node = self.nodes[viewer.4].clone();
+        }
         let tenant = self.tenants[t];
         let internal_name = format!("live+t{t}s{s}");
-        let node = self.nodes[self.rng.random_range(0..self.nodes.len())].clone();
         let data = self.data(kind, t, s, &internal_name, &node, ts.unix_timestamp());
         let mut envelope = json!({
             "id": id.to_string(),
@@ -174,17 +182,18 @@ impl Generator {
                 let open = self
                     .sessions
                     .iter()
-                    .position(|(st, ss, _, _)| *st == t && *ss == s);
+                    .position(|(st, ss, _, _, _)| *st == t && *ss == s);
                 match open {
                     Some(idx) if r.random_bool(0.5) => {
-                        let (_, _, session, at) = self.sessions.swap_remove(idx);
+                        let (_, _, session, at, _) = self.sessions.swap_remove(idx);
                         json!({"internal_name": internal_name, "node_id": node, "action": "disconnect", "session_id": session,
                             "seconds_connected": (now - at).max(1).to_string(), "up_bytes": r.random_range(1_000..5_000_000u64).to_string(),
                             "down_bytes": r.random_range(10_000..500_000_000u64).to_string(), "connector": "HLS", "user_id": format!("viewer-{}", r.random_range(0..5000))})
                     }
                     _ => {
                         let session = format!("sess-{:016x}", r.random::<u64>());
-                        self.sessions.push((t, s, session.clone(), now));
+                        let on = self.nodes.iter().position(|n| n == node).unwrap_or(0);
+                        self.sessions.push((t, s, session.clone(), now, on));
                         json!({"internal_name": internal_name, "node_id": node, "action": "connect", "session_id": session,
                             "connection_addr": format!("198.51.100.{}", r.random_range(1..255)), "user_agent": "Mozilla/5.0",
                             "connector": if r.random_bool(0.5) { "HLS" } else { "WebRTC" }, "user_id": format!("viewer-{}", r.random_range(0..5000))})
