@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::analytics::Setup;
 use common::{as_refs, command, config_path, five_minute_digest, sigterm, total_rows};
+use sluice_testkit::kill_while_writing;
 
 #[tokio::test]
 async fn a_drained_stream_equals_the_reference() {
@@ -48,32 +49,15 @@ async fn ten_sigkills_with_republished_records_leave_every_table_exact() {
     let mut seed = 0x2545_F491_u64;
     let mut logs = Vec::new();
     for round in 0..10 {
-        let before = total_rows(s.db()).await;
-        let log = config_path("sa_kill_log");
-        let mut worker = command(&s.config, &env, &["run"], "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("worker");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while total_rows(s.db()).await == before {
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: the worker writes"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(seed % 1500)).await;
-        worker.kill().expect("SIGKILL");
-        worker.wait().expect("reap");
-        let text = std::fs::read_to_string(&log).expect("log");
-        assert!(
-            owned_partitions(&text),
-            "round {round}: the killed worker owned partitions: {text}"
-        );
+        let worker = command(&s.config, &env, &["run"], "info");
+        let log = kill_while_writing(
+            worker,
+            round,
+            &mut seed,
+            Duration::from_millis(1500),
+            || total_rows(s.db()),
+        )
+        .await;
         eprintln!(
             "round {round}: killed with {} rows in ClickHouse",
             total_rows(s.db()).await
@@ -114,13 +98,6 @@ async fn ten_sigkills_with_republished_records_leave_every_table_exact() {
         let _ = std::fs::remove_file(l);
     }
     s.finish().await;
-}
-
-/// Whether a worker's log ends owning partitions: its last rebalance assigned some.
-fn owned_partitions(log: &str) -> bool {
-    log.lines()
-        .rfind(|l| l.contains("partitions assigned") || l.contains("partitions revoked"))
-        .is_some_and(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
 }
 
 #[tokio::test]

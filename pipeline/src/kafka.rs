@@ -549,7 +549,7 @@ struct Drain {
     asked: Option<Instant>,
     /// Partitions not yet done: (partition, where the group is, end).
     left: Vec<(TopicPartition, Option<i64>, i64)>,
-    /// Where each partition was when the drain first saw it (for the progress).
+    /// Where the group stood on each partition when the drain started (for the progress).
     base: HashMap<TopicPartition, i64>,
 }
 
@@ -903,8 +903,43 @@ impl Worker {
         None
     }
 
+    /// Where the group stood on each partition when the drain started (its committed offset,
+    /// else the low watermark): where the drain's progress counts from.
+    fn group_positions(
+        &self,
+        ends: &BTreeMap<TopicPartition, (i64, i64)>,
+    ) -> HashMap<TopicPartition, i64> {
+        let mut tpl = TopicPartitionList::new();
+        for tp in ends.keys() {
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(2))
+            .map(|c| {
+                c.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => {
+                            Some((TopicPartition::new(e.topic(), e.partition()), o))
+                        }
+                        _ => None,
+                    })
+                    .collect::<HashMap<_, _>>()
+            })
+            .unwrap_or_default();
+        ends.iter()
+            .map(|(tp, &(low, _))| {
+                (
+                    tp.clone(),
+                    committed.get(tp).copied().unwrap_or(low).max(low),
+                )
+            })
+            .collect()
+    }
+
     /// Publishes how many records the drain has done and has to do: per partition, from
-    /// where it was when the drain first saw it to its end.
+    /// where the group stood when the drain started to its end.
     fn report_progress(
         &mut self,
         ends: &BTreeMap<TopicPartition, (i64, i64)>,
@@ -916,7 +951,7 @@ impl Worker {
                 .iter()
                 .find(|(t, _, _)| t == tp)
                 .map_or(end, |(_, at, _)| at.unwrap_or(low).max(low));
-            let base = *self.drain.base.entry(tp.clone()).or_insert(at);
+            let base = *self.drain.base.entry(tp.clone()).or_insert(low);
             total += (end - base).max(0) as u64;
             done += (at.min(end) - base).max(0) as u64;
         }
@@ -933,6 +968,9 @@ impl Worker {
         if self.drain.ends.is_none() && ask {
             self.drain.asked = Some(Instant::now());
             self.drain.ends = self.drain_ends();
+            if let Some(ends) = &self.drain.ends {
+                self.drain.base = self.group_positions(ends);
+            }
         }
         let Some(ends) = self.drain.ends.clone() else {
             return false;

@@ -323,3 +323,56 @@ pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16
         .unwrap_or_default();
     Some((status, body))
 }
+
+/// One round of a crash test: starts `worker` (its stderr into a new log file), waits until
+/// `written` reports more than it did before (the worker writes), waits a pseudo-random pause
+/// of up to `max_pause` (from `seed`, advanced), then SIGKILLs it and asserts from its log that
+/// it owned partitions when killed (a worker killed before its group join tests nothing).
+/// Returns the log's path.
+pub async fn kill_while_writing<W, F>(
+    mut worker: std::process::Command,
+    round: usize,
+    seed: &mut u64,
+    max_pause: Duration,
+    mut written: W,
+) -> std::path::PathBuf
+where
+    W: FnMut() -> F,
+    F: std::future::Future<Output = u64>,
+{
+    let before = written().await;
+    let log = std::env::temp_dir().join(format!("{}.log", unique("kill_round")));
+    let mut child = worker
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("worker");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while written().await == before {
+        assert!(
+            Instant::now() < deadline,
+            "round {round}: the worker writes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    let pause = *seed % (max_pause.as_millis() as u64).max(1);
+    tokio::time::sleep(Duration::from_millis(pause)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        owned_partitions(&text),
+        "round {round}: the killed worker owned partitions: {text}"
+    );
+    log
+}
+
+/// Whether a worker's log ends owning partitions: its last rebalance assigned some.
+pub fn owned_partitions(log: &str) -> bool {
+    log.lines()
+        .rfind(|l| l.contains("partitions assigned") || l.contains("partitions revoked"))
+        .is_some_and(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
+}

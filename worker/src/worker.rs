@@ -381,13 +381,31 @@ impl<S: Settings> Worker<S> {
                         self.identity.name
                     )));
                 };
-                let plan = plan(&config, build)?;
+                // What it writes with its reducers on (the local PostgreSQL unless one is
+                // configured), and whether it runs with them off at all.
+                let mut with_postgres = config.clone();
+                with_postgres
+                    .postgres
+                    .url
+                    .get_or_insert_with(|| crate::Secret::new(bench::LOCAL_POSTGRES));
+                let plan = plan(&with_postgres, build)?;
+                let mut without = config.clone();
+                without.postgres.url = None;
+                let clickhouse_only = self::plan(&without, build).is_ok();
                 let migrations = bench::Migrations {
                     scope: &self.identity.name,
                     clickhouse: self.clickhouse_migrations,
                     postgres: self.postgres_migrations,
                 };
-                let report = bench::run(&config, &opts, &plan, &*workload, &migrations).await?;
+                let report = bench::run(
+                    &with_postgres,
+                    &opts,
+                    &plan,
+                    clickhouse_only,
+                    &*workload,
+                    &migrations,
+                )
+                .await?;
                 print!("{}", report.table());
                 Ok(ExitCode::SUCCESS)
             }
@@ -400,7 +418,12 @@ impl<S: Settings> Worker<S> {
                 Ok(ExitCode::SUCCESS)
             }
             Builtin::BenchInsert(opts) => {
-                let config = self.load(opts.config.clone())?;
+                let mut config = self.load(opts.config.clone())?;
+                // The tables are the same with the reducers on; a pipeline may need them.
+                config
+                    .postgres
+                    .url
+                    .get_or_insert_with(|| crate::Secret::new(bench::LOCAL_POSTGRES));
                 let plan = plan(&config, build)?;
                 bench::insert(&config, &plan, &opts).await?;
                 Ok(ExitCode::SUCCESS)

@@ -8,12 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use sluice_testkit::{brokers, create_pg_database, drop_pg_database, unique};
+use sluice_testkit::{brokers, create_pg_database, drop_pg_database, kill_while_writing, unique};
 
 const PARTITIONS: i32 = 4;
 const EVENTS: u64 = 36_000;
@@ -189,13 +189,6 @@ fn produce(topic: String, records: Vec<(String, String)>) -> std::thread::JoinHa
     })
 }
 
-/// Whether a worker's log ends owning partitions: its last rebalance assigned some.
-fn owned_partitions(log: &str) -> bool {
-    log.lines()
-        .rfind(|l| l.contains("partitions assigned") || l.contains("partitions revoked"))
-        .is_some_and(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
-}
-
 /// The records in the dead-letter topic, read to its end (5 s without one), by reason: each record's source
 /// partition and offset (dead letters are at-least-once: a record may be there twice).
 fn dead_letters(topic: &str) -> BTreeMap<String, u64> {
@@ -277,34 +270,9 @@ async fn five_sigkills_under_load_leave_every_table_exact() {
     let mut logs: Vec<PathBuf> = Vec::new();
     let mut seed = 0x9E37_79B9_u64;
     for round in 0..5 {
-        let before = rows(&db).await;
-        let log = std::env::temp_dir().join(format!("{}.log", unique("webshop_kill")));
-        let mut worker = s
-            .command(&["run"], "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("worker");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while rows(&db).await == before {
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: the worker writes"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(seed % 1200)).await;
-        worker.kill().expect("SIGKILL");
-        worker.wait().expect("reap");
-        let text = std::fs::read_to_string(&log).expect("log");
-        assert!(
-            owned_partitions(&text),
-            "round {round}: owned partitions when killed: {text}"
-        );
-        logs.push(log);
+        let worker = s.command(&["run"], "info");
+        let pause = Duration::from_millis(1200);
+        logs.push(kill_while_writing(worker, round, &mut seed, pause, || rows(&db)).await);
     }
     producer.join().expect("producer");
     let drain = s

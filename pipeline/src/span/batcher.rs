@@ -246,27 +246,15 @@ impl<T> Batches<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::SourceSpan;
     use super::super::core::CutKind;
     use super::super::io::{batches, name_the_batch};
+    use super::super::{Rng, SourceSpan};
     use super::*;
     use crate::ack::PartitionLedger;
     use crate::batch::Delivery;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::time::Duration;
-
-    /// A small deterministic generator (xorshift64*), enough for shuffling test inputs.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
-        }
-    }
 
     fn limits(max_rows: usize) -> BatchLimits {
         BatchLimits {

@@ -170,6 +170,20 @@ fn replay_plan(recorded: Vec<SourceSpan>) -> VecDeque<SourceSpan> {
     kept.into()
 }
 
+/// A small deterministic generator (xorshift64*), enough for the tests' shuffles and crashes.
+#[cfg(test)]
+pub(crate) struct Rng(pub(crate) u64);
+
+#[cfg(test)]
+impl Rng {
+    pub(crate) fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -340,6 +340,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
+    use super::super::Rng;
     use super::super::core::CutKind;
     use super::super::io::batches;
     use crate::ack::PartitionLedger;
@@ -391,17 +392,6 @@ mod tests {
         }
         async fn load(&self, _: &TopicPartition, _: i64) -> Result<Vec<SourceSpan>, SinkError> {
             unreachable!()
-        }
-    }
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
         }
     }
 

@@ -51,6 +51,9 @@ pub trait Workload: Send + Sync + 'static {
     }
 }
 
+/// The PostgreSQL the reducer phases use when none is configured: the local services'.
+pub(crate) const LOCAL_POSTGRES: &str = "postgres://sluice:sluice@127.0.0.1:5432/sluice";
+
 /// The pipeline's migrations, for the fresh databases of the phases.
 pub(crate) struct Migrations<'a> {
     pub(crate) scope: &'a str,
@@ -396,13 +399,23 @@ fn ctx<T, E: std::fmt::Display>(
 }
 
 /// Runs the whole benchmark; writes the JSON and Markdown reports.
+///
+/// `config` names a PostgreSQL server; `plan` is what the pipeline writes with its reducers
+/// on; `clickhouse_only`: it also runs with them off (FrameWorks does; a pipeline whose
+/// reducers are part of it does not, and its worker phase is the one with PostgreSQL).
 pub(crate) async fn run<S: Settings>(
     config: &Config<S>,
     opts: &Options,
     plan: &Plan,
+    clickhouse_only: bool,
     workload: &dyn Workload,
     migrations: &Migrations<'_>,
 ) -> Result<Report, Error> {
+    if !clickhouse_only && (opts.skip_postgres || plan.reducers.is_empty()) {
+        return Err(Error::Other(
+            "the pipeline does not run without PostgreSQL: drop --skip-postgres".into(),
+        ));
+    }
     if plan.tables.is_empty() {
         return Err(Error::Other(
             "the pipeline writes no ClickHouse table: nothing to benchmark".into(),
@@ -459,24 +472,49 @@ pub(crate) async fn run<S: Settings>(
         ..a.clone()
     });
 
-    eprintln!("bench: {WORKER_CH}");
     let filled = Filled {
         topic: &topic,
         events,
         bytes: a.bytes,
         expect_rows,
     };
-    let (w1, w1_db) = bench.worker_phase(config, &filled, "w1", None).await?;
-    phases.push(Phase {
-        name: WORKER_CH.into(),
-        ..w1
-    });
+    let url = config
+        .postgres
+        .url
+        .as_ref()
+        .map_or(LOCAL_POSTGRES.to_owned(), |u| u.expose().to_owned());
+    let postgres = format!("sluice_bench_{id}");
+    // The first worker phase: into ClickHouse alone, or with PostgreSQL if the pipeline
+    // needs it; ceiling B inserts what it wrote.
+    let first = match clickhouse_only {
+        true => {
+            eprintln!("bench: {WORKER_CH}");
+            let (w1, db) = bench.worker_phase(config, &filled, "w1", None).await?;
+            phases.push(Phase {
+                name: WORKER_CH.into(),
+                ..w1
+            });
+            db
+        }
+        false => {
+            eprintln!("bench: {WORKER_PG}");
+            let pg = fresh_postgres(&url, &postgres).await?;
+            let w2 = bench.worker_phase(config, &filled, "w2", Some(&pg)).await;
+            drop_postgres(&url, &postgres).await;
+            let (w2, db) = w2?;
+            phases.push(Phase {
+                name: WORKER_PG.into(),
+                ..w2
+            });
+            db
+        }
+    };
 
     eprintln!("bench: ceiling B (pre-encoded inserts)");
     let b_db = "sluice_bench_b";
     bench.fresh_clickhouse(config, b_db).await?;
     let result = dir.join("ceiling-b.json");
-    let mut cmd = bench.command(&["bench-insert", "--from", &w1_db, "--to", b_db]);
+    let mut cmd = bench.command(&["bench-insert", "--from", &first, "--to", b_db]);
     cmd.arg("--result").arg(&result);
     let os = measure(cmd, &dir.join("ceiling-b.log")).await?;
     let b: Phase = read_result(&result)?;
@@ -488,18 +526,11 @@ pub(crate) async fn run<S: Settings>(
         ..b
     });
 
-    if !opts.skip_postgres && !plan.reducers.is_empty() {
+    if clickhouse_only && !opts.skip_postgres && !plan.reducers.is_empty() {
         eprintln!("bench: {WORKER_PG}");
-        let url = config
-            .postgres
-            .url
-            .as_ref()
-            .map(|u| u.expose().to_owned())
-            .unwrap_or_else(|| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into());
-        let name = format!("sluice_bench_{id}");
-        let pg = fresh_postgres(&url, &name).await?;
+        let pg = fresh_postgres(&url, &postgres).await?;
         let w2 = bench.worker_phase(config, &filled, "w2", Some(&pg)).await;
-        drop_postgres(&url, &name).await;
+        drop_postgres(&url, &postgres).await;
         phases.push(Phase {
             name: WORKER_PG.into(),
             ..w2?.0
@@ -515,7 +546,17 @@ pub(crate) async fn run<S: Settings>(
             "bench: latency at {rate} records/s for {} s (live worker)",
             opts.probe_secs
         );
-        Some(bench.latency(config, workload, opts, rate).await?)
+        let pg = match clickhouse_only {
+            true => None,
+            false => Some(fresh_postgres(&url, &format!("{postgres}_live")).await?),
+        };
+        let latency = bench
+            .latency(config, workload, opts, rate, pg.as_deref())
+            .await;
+        if pg.is_some() {
+            drop_postgres(&url, &format!("{postgres}_live")).await;
+        }
+        Some(latency?)
     } else {
         None
     };
@@ -705,6 +746,7 @@ impl Bench<'_> {
         workload: &dyn Workload,
         opts: &Options,
         rate: u64,
+        postgres: Option<&str>,
     ) -> Result<Latency, Error> {
         let topic = format!("sluice_bench_{}_live", self.id);
         services::ensure_topic(&config.kafka, &topic, opts.partitions).await?;
@@ -712,6 +754,10 @@ impl Bench<'_> {
         self.fresh_clickhouse(config, db).await?;
         let port = ctx(free_port(), || "no free port".into())?;
         let mut cmd = self.command(&["run"]);
+        if let Some(url) = postgres {
+            migrate::postgres(url, self.migrations.scope, self.migrations.postgres).await?;
+            cmd.env("DATABASE_URL", url);
+        }
         cmd.env("KAFKA_TOPICS", &topic)
             .env("KAFKA_GROUP_ID", format!("sluice-bench-{}-live", self.id))
             .env("CLICKHOUSE_DB", db)
