@@ -234,6 +234,23 @@ async fn run_drains_good_records_into_tables_and_bad_ones_into_the_dead_letter_t
         assert_eq!(p, (n % 3) as i32, "{key}");
         assert!(o >= 0);
     }
+    // `dead-letters` shows the same: each with its reason and source.
+    let out = sluice(&config, &env, &["dead-letters"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("{} dead letter(s) shown", bad.len())),
+        "{shown}"
+    );
+    for (key, _, _) in &bad {
+        let h = &dead[*key];
+        let from = format!(
+            "({}) from {topic}/{}@{}: ",
+            h["error_stage"], h["source_partition"], h["source_offset"]
+        );
+        assert!(shown.contains(&from), "{key}: {from} in {shown}");
+    }
+    assert!(shown.contains(": invalid_json (decode) from "), "{shown}");
     let _ = std::fs::remove_file(config);
 }
 

@@ -102,6 +102,11 @@ pub type Rows<R> = Vec<(<R as Reducer>::Key, <R as Reducer>::State)>;
 /// its columns (by their serde names): [`Reducer::load`] and [`Reducer::store`] are written
 /// for it, one statement each, through JSON (`jsonb_populate_recordset`, `to_jsonb`).
 ///
+/// The table needs the key as its primary key (or unique), and a `DEFAULT` or NULL allowed on
+/// every other column: a key seen for the first time gets a row holding the key alone, so each
+/// column starts at its `DEFAULT`, or, left NULL, at `State::default()`'s field. `run` and
+/// `validate` check this at start ([`Reducer::check`]).
+///
 /// ```
 /// use serde::{Deserialize, Serialize};
 ///
@@ -173,6 +178,58 @@ impl<T: TableReducer> Reducer for T {
         TableReducer::event_bytes(self, event)
     }
 
+    /// The table has the key column (unique) and a column for every field of the state, and
+    /// every such column takes a new key's row without a value: `load` inserts the key alone.
+    async fn check(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let finding = |m: String| sqlx::Error::Configuration(m.into());
+        let columns: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT column_name::text, is_nullable = 'YES' OR column_default IS NOT NULL \
+             FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
+        )
+        .bind(T::TABLE)
+        .fetch_all(&mut *conn)
+        .await?;
+        if columns.is_empty() {
+            return Err(finding(format!(
+                "table `{}` does not exist (run `migrate`)",
+                T::TABLE
+            )));
+        }
+        let serde_json::Value::Object(state) = encode(&T::State::default())? else {
+            return Err(finding("the state is not a struct of columns".into()));
+        };
+        let mut problems = Vec::new();
+        for field in std::iter::once(T::KEY).chain(state.keys().map(String::as_str)) {
+            match columns.iter().find(|(c, _)| c == field) {
+                None => problems.push(format!("it has no column `{field}`")),
+                Some((_, false)) if field != T::KEY => problems.push(format!(
+                    "column `{field}` is NOT NULL without a DEFAULT, but a new key's row is \
+                     inserted with its key alone"
+                )),
+                Some(_) => {}
+            }
+        }
+        let unique: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a \
+             ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+             WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indnatts = 1 AND a.attname = $2)",
+        )
+        .bind(ident(T::TABLE))
+        .bind(T::KEY)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !unique {
+            problems.push(format!(
+                "`{}` is not its primary key or unique on its own",
+                T::KEY
+            ));
+        }
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(finding(format!("`{}`: {}", T::TABLE, problems.join("; ")))),
+        }
+    }
+
     async fn load(
         &self,
         conn: &mut PgConnection,
@@ -198,9 +255,22 @@ impl<T: TableReducer> Reducer for T {
         .bind(&keys)
         .fetch_all(&mut *conn)
         .await?;
+        // A column left NULL (a new row's, without a DEFAULT) starts from the state's default.
+        let serde_json::Value::Object(defaults) = encode(&T::State::default())? else {
+            return Err(sqlx::Error::Decode(
+                "the state is not a struct of columns".into(),
+            ));
+        };
         rows.into_iter()
-            .map(|Json(row)| {
+            .map(|Json(mut row)| {
                 let k = decode(row.get(T::KEY).cloned().unwrap_or_default())?;
+                if let serde_json::Value::Object(columns) = &mut row {
+                    for (name, value) in &defaults {
+                        if columns.get(name).is_none_or(serde_json::Value::is_null) {
+                            columns.insert(name.clone(), value.clone());
+                        }
+                    }
+                }
                 Ok((k, decode(row)?))
             })
             .collect()

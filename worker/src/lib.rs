@@ -13,7 +13,7 @@
 //!   [`Wiring::window_into_clickhouse`], [`Wiring::reduce_into_postgres`], each checked at
 //!   start (a table that would take duplicates stops the worker, named);
 //! - the commands `run [--drain] [--progress]`, `migrate [--dry-run] [--cluster]`,
-//!   `validate` and `bench`, and any of the pipeline's own.
+//!   `validate`, `bench`, `produce` and `dead-letters`, and any of the pipeline's own.
 //!
 //! ```no_run
 //! use std::process::ExitCode;
@@ -54,6 +54,7 @@
 
 pub mod bench;
 mod config;
+mod dead_letters;
 mod logging;
 pub mod migrate;
 mod progress;

@@ -89,6 +89,11 @@ pub(crate) fn spawn(handle: PipelineHandle, drain: Option<DrainProgress>) -> Rep
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
                 let rate = done as f64 / secs;
                 match total {
+                    // Nothing done yet: the group is forming (half the session timeout on
+                    // some brokers) or the first batches are on their way.
+                    Some(total) if done == 0 => {
+                        eprintln!("drain: 0/{total} records, starting (joining the group)")
+                    }
                     Some(total) => {
                         let left = total.saturating_sub(done) as f64 / rate.max(1e-9);
                         eprintln!(

@@ -19,11 +19,29 @@ use sluice_sinks::{ClickHouseSink, ClickHouseSpanLog, Encoder, Reducer, ReducerS
 use crate::config::{Config, ConfigError, Settings};
 use crate::services;
 
-/// A start-up check: the service it waits for, and the check.
-pub(crate) type StartCheck = (
-    &'static str,
-    Box<dyn FnMut() -> Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send>> + Send>,
-);
+/// One run of a start-up check.
+pub(crate) type CheckFuture = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send>>;
+
+/// A start-up check: the service it waits for, what it checks, and the check.
+pub(crate) struct StartCheck {
+    pub(crate) service: &'static str,
+    pub(crate) what: String,
+    pub(crate) check: Box<dyn FnMut() -> CheckFuture + Send>,
+}
+
+impl StartCheck {
+    fn new<F, Fut>(service: &'static str, what: String, mut check: F) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), SinkError>> + Send + 'static,
+    {
+        Self {
+            service,
+            what,
+            check: Box::new(move || Box::pin(check())),
+        }
+    }
+}
 
 /// Whether the graph is wired to run, or only to learn what it writes (`migrate`, `bench`,
 /// `validate`).
@@ -246,23 +264,25 @@ impl<'a, S: Settings> Wiring<'a, S> {
     {
         let table = table.into();
         self.plan_table(&table, false)?;
+        let (client, log) = self.clickhouse(&table.name)?;
+        let name = table.name.clone();
+        let size_of = table.size_of;
+        let sink = self.checked_sink(table, client);
         if self.mode == Mode::Plan {
             return Ok(());
         }
-        let (client, log) = self.clickhouse(&table.name)?;
         let p = &self.config.pipeline;
         // One finished batch waiting while the inserts run keeps them busy; a deeper queue
         // of large batches would only hold memory.
-        let stage = Stage::new(format!("{}.batch", table.name))
+        let stage = Stage::new(format!("{name}.batch"))
             .capacity(1)
             .retry(self.retry());
-        let size_of = table.size_of;
         let batches = if p.batch_across_partitions {
             flow.batch_spans_across(stage, self.limits(), move |r: &T| size_of(r), log)
         } else {
             flow.batch_spans(stage, self.limits(), move |r: &T| size_of(r), log)
         };
-        self.sink_into(batches, table, client);
+        self.sink_into(batches, &name, sink);
         Ok(())
     }
 
@@ -318,17 +338,19 @@ impl<'a, S: Settings> Wiring<'a, S> {
     {
         let table = table.into();
         self.plan_table(&table, true)?;
+        let (client, log) = self.clickhouse(&table.name)?;
+        let name = table.name.clone();
+        let sink = self.checked_sink(table, client);
         if self.mode == Mode::Plan {
             return Ok(());
         }
-        let (client, log) = self.clickhouse(&table.name)?;
-        let stage = Stage::new(format!("{}.window", table.name)).retry(self.retry());
+        let stage = Stage::new(format!("{name}.window")).retry(self.retry());
         let rows = if self.config.pipeline.batch_across_partitions {
             flow.window_across(stage, spec, aggregate, log, self.limits())
         } else {
             flow.window(stage, spec, aggregate, log)
         };
-        self.sink_into(rows, table, client);
+        self.sink_into(rows, &name, sink);
         Ok(())
     }
 
@@ -377,18 +399,28 @@ impl<'a, S: Settings> Wiring<'a, S> {
             return Err(WiringError::NoPostgres(name.into()));
         };
         self.plan.reducers.push(name.into());
+        let reducer = Arc::new(reducer);
+        let (checked, table) = (reducer.clone(), name.to_owned());
+        let check_pool = pool.clone();
+        self.checks.push(StartCheck::new(
+            "postgres",
+            format!("reducer {name}"),
+            move || {
+                let (pool, reducer, name) = (check_pool.clone(), checked.clone(), table.clone());
+                async move { check_postgres(&pool, &*reducer, &name).await }
+            },
+        ));
         if self.mode == Mode::Plan {
             return Ok(());
         }
-        let reducer = Arc::new(reducer);
         let group: Arc<str> = self.config.kafka.group_id.as_str().into();
         let limits = BatchLimits {
             max_bytes: self.config.pipeline.batch_max_bytes,
             ..self.limits()
         };
         let sized = reducer.clone();
-        let writer = reducer.clone();
-        let sink_pool = pool.clone();
+        let writer = reducer;
+        let sink_pool = pool;
         // One writer: a partition's events are applied in offset order. As for the tables,
         // one finished batch waits while it writes.
         flow.batch(
@@ -399,14 +431,6 @@ impl<'a, S: Settings> Wiring<'a, S> {
         .sink(Stage::new(name).retry(self.retry()), move || {
             ReducerSink::new(sink_pool.clone(), writer.clone(), group.clone())
         });
-        let name = name.to_owned();
-        self.checks.push((
-            "postgres",
-            Box::new(move || {
-                let (pool, reducer, name) = (pool.clone(), reducer.clone(), name.clone());
-                Box::pin(async move { check_postgres(&pool, &*reducer, &name).await })
-            }),
-        ));
         Ok(())
     }
 
@@ -432,8 +456,12 @@ impl<'a, S: Settings> Wiring<'a, S> {
         Ok(())
     }
 
-    /// Ends `batches` in `table`'s ClickHouse sink, checked at start.
-    fn sink_into<T, E>(&mut self, batches: Flow<T>, table: Table<T, E>, client: clickhouse::Client)
+    /// `table`'s ClickHouse sink, its check registered for the start.
+    fn checked_sink<T, E>(
+        &mut self,
+        table: Table<T, E>,
+        client: clickhouse::Client,
+    ) -> ClickHouseSink<T, E>
     where
         T: Send + Sync + 'static,
         E: Encoder<Item = T>,
@@ -443,16 +471,26 @@ impl<'a, S: Settings> Wiring<'a, S> {
             sink = sink.check_range(column);
         }
         let checked = sink.clone();
-        self.checks.push((
+        self.checks.push(StartCheck::new(
             "clickhouse",
-            Box::new(move || {
+            format!("table {}", table.name),
+            move || {
                 let sink = checked.clone();
-                Box::pin(async move { sink.check().await })
-            }),
+                async move { sink.check().await }
+            },
         ));
+        sink
+    }
+
+    /// Ends `batches` in `sink`, `insert_concurrency` writers.
+    fn sink_into<T, E>(&mut self, batches: Flow<T>, name: &str, sink: ClickHouseSink<T, E>)
+    where
+        T: Send + Sync + 'static,
+        E: Encoder<Item = T>,
+    {
         let p = &self.config.pipeline;
         batches.sink(
-            Stage::new(table.name.as_str())
+            Stage::new(name)
                 .workers(p.insert_concurrency)
                 .retry(self.retry()),
             move || sink.clone(),
@@ -470,12 +508,13 @@ impl<'a, S: Settings> Wiring<'a, S> {
             None => {
                 let client = services::clickhouse_client(&self.config.clickhouse)?;
                 let probe = client.clone();
-                self.checks.push((
+                self.checks.push(StartCheck::new(
                     "clickhouse",
-                    Box::new(move || {
+                    sluice_sinks::SPAN_LOG_TABLE.to_owned(),
+                    move || {
                         let client = probe.clone();
-                        Box::pin(async move { check_span_log(&client).await })
-                    }),
+                        async move { check_span_log(&client).await }
+                    },
                 ));
                 self.clickhouse = Some(client.clone());
                 client
@@ -590,8 +629,11 @@ async fn check_postgres<R: Reducer>(
     .execute(&mut *conn)
     .await
     .map_err(|e| outdated("table `sluice_applied_offsets`", e))?;
-    reducer
-        .check(&mut conn)
-        .await
-        .map_err(|e| outdated(&format!("schema of reducer `{name}`"), e))
+    reducer.check(&mut conn).await.map_err(|e| match e {
+        // A check's own finding, said in full.
+        sqlx::Error::Configuration(finding) => {
+            SinkError::permanent(format!("PostgreSQL table of reducer `{name}`: {finding}"))
+        }
+        e => outdated(&format!("schema of reducer `{name}`"), e),
+    })
 }

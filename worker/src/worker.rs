@@ -15,7 +15,7 @@ use sluice_pipeline::{
 use crate::bench::{self, Workload};
 use crate::config::{Config, Identity, Settings};
 use crate::migrate::{self, ClickHousePlan, Migration};
-use crate::wiring::{Mode, Plan, Wiring};
+use crate::wiring::{Mode, Plan, StartCheck, Wiring};
 use crate::{Error, logging, progress, services};
 
 /// A pipeline's `build` function: wires the graph with a [`Wiring`].
@@ -99,6 +99,16 @@ enum Builtin {
         /// TOML configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Show what the dead-letter topic holds, from its beginning: each record's source, why it
+    /// was refused, and the start of its value.
+    DeadLetters {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Dead letters to show at most.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// Produce each line of standard input as one record (value only) into the topic, for
     /// feeding a few records by hand.
@@ -236,13 +246,14 @@ impl<S: Settings> Worker<S> {
         Fut: Future<Output = Result<(), BoxError>>,
     {
         tune_malloc();
+        // The pipeline's own text last: augmenting takes the commands' enum's doc otherwise.
         let cli = C::augment_subcommands(Builtin::augment_subcommands(
             Command::new(self.name)
-                .about(self.about.clone())
                 .version(env!("CARGO_PKG_VERSION"))
                 .subcommand_required(true)
                 .arg_required_else_help(true),
-        ));
+        ))
+        .about(self.about.clone());
         let matches = cli.get_matches();
         let name = matches.subcommand_name().unwrap_or_default().to_owned();
         let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -332,6 +343,11 @@ impl<S: Settings> Worker<S> {
                 for line in report {
                     println!("{line}");
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Builtin::DeadLetters { config, limit } => {
+                let config = self.load(config)?;
+                crate::dead_letters::show(&config.kafka, limit).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Builtin::Produce {
@@ -471,11 +487,19 @@ fn pipeline_config<S>(config: &Config<S>) -> PipelineConfig {
 
 /// What the pipeline writes, learnt by wiring it without running it.
 pub(crate) fn plan<S: Settings>(config: &Config<S>, build: Build<S>) -> Result<Plan, Error> {
+    Ok(planned(config, build)?.0)
+}
+
+/// What the pipeline writes and the checks `run` makes at start, without running it.
+fn planned<S: Settings>(
+    config: &Config<S>,
+    build: Build<S>,
+) -> Result<(Plan, Vec<StartCheck>), Error> {
     let pipeline = Pipeline::new(pipeline_config(config));
     let records = pipeline.source("kafka", KafkaSource::new(source_config(config, false)));
     let mut wiring = Wiring::new(config, &pipeline, records, Mode::Plan)?;
     build(&mut wiring).map_err(Error::Build)?;
-    Ok(wiring.finish()?.0)
+    wiring.finish()
 }
 
 /// `run`: wires the pipeline, waits for the services and checks its tables, then runs it
@@ -522,8 +546,8 @@ async fn run<S: Settings>(
 
     // The services may not be up yet: retry (not ready meanwhile) until they answer; a table
     // of the wrong shape stops the worker at once.
-    for (service, mut check) in checks {
-        services::wait_usable(&handle, service, &mut check).await?;
+    for mut c in checks {
+        services::wait_usable(&handle, c.service, &mut c.check).await?;
     }
     if plan.dead_letters {
         // The broker may not be up yet either: the dead-letter topic is created once it answers.
@@ -579,23 +603,26 @@ async fn validate<S: Settings>(config: &Config<S>, build: Build<S>) -> Result<Ex
     };
     report("kafka", services::check_kafka(&config.kafka).await);
     let clickhouse = services::check_clickhouse(&config.clickhouse).await;
-    let reached = clickhouse.is_ok();
+    let clickhouse_reached = clickhouse.is_ok();
     report("clickhouse", clickhouse);
-    report("postgres", services::check_postgres(config).await);
-    match plan(config, build) {
-        // Each table the pipeline writes, once the server answers.
-        Ok(plan) if reached => {
-            let client = services::clickhouse_client(&config.clickhouse)?;
-            for table in &plan.tables {
-                let columns: Vec<&str> = table.columns.iter().map(String::as_str).collect();
-                let result = sluice_sinks::check_table(&client, &table.name, &columns)
-                    .await
-                    .map(|()| "deduplicates (its views' tables too), landing view in place".into())
-                    .map_err(|e| e.to_string());
-                report(&format!("table {}", table.name), result);
+    let postgres = services::check_postgres(config).await;
+    let postgres_reached = postgres.is_ok() && config.postgres.url.is_some();
+    report("postgres", postgres);
+    match planned(config, build) {
+        // Each check `run` makes at start, once (the services answered above).
+        Ok((_, checks)) => {
+            for mut c in checks {
+                let reached = match c.service {
+                    "clickhouse" => clickhouse_reached,
+                    "postgres" => postgres_reached,
+                    _ => true,
+                };
+                if reached {
+                    let result = (c.check)().await.map(|()| "ok to write".into());
+                    report(&c.what, result.map_err(|e| e.to_string()));
+                }
             }
         }
-        Ok(_) => {}
         Err(e) => report("pipeline", Err(e.to_string())),
     }
     Ok(if ok {

@@ -5,28 +5,26 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sluice_worker::{
-    BoxError, Decoded, KafkaRecord, Operator, Settings, Sourced, TableReducer, Wiring,
+    BoxError, ConfigError, Decoded, KafkaRecord, Operator, Settings, Sourced, TableReducer, Wiring,
+    invalid,
 };
-use time::OffsetDateTime;
 
 /// `[shop]`: what one unit of each accepted currency is worth in euros.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Shop {
     euros_per: BTreeMap<String, f64>,
 }
 
-impl Default for Shop {
-    fn default() -> Self {
-        let rates = [("EUR", 1.0), ("USD", 0.92), ("GBP", 1.17)];
-        Self {
-            euros_per: rates.map(|(c, r)| (c.to_owned(), r)).into(),
-        }
-    }
-}
-
 impl Settings for Shop {
     const SECTION: &'static str = "shop";
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        match self.euros_per.is_empty() {
+            true => Err(invalid("shop.euros_per", "names no currency")),
+            false => Ok(()),
+        }
+    }
 }
 
 /// An order or a refund as the shop sends it (`type`, `at`), and its row of `shop_orders`.
@@ -90,10 +88,6 @@ pub struct Customer {
     orders: i64,
     refunds: i64,
     spent_eur_cents: i64,
-    #[serde(with = "time::serde::rfc3339::option")]
-    first_order_at: Option<OffsetDateTime>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    last_order_at: Option<OffsetDateTime>,
 }
 
 /// Orders and refunds folded into their customer's row.
@@ -111,14 +105,10 @@ impl TableReducer for Customers {
     }
 
     fn fold(&self, c: &mut Customer, order: &Order) {
+        let refund = order.kind == "refund";
+        c.orders += i64::from(!refund);
+        c.refunds += i64::from(refund);
         c.spent_eur_cents += order.eur_cents;
-        if order.kind == "refund" {
-            return c.refunds += 1;
-        }
-        c.orders += 1;
-        let at = OffsetDateTime::from_unix_timestamp(order.placed_at.into()).ok();
-        c.first_order_at = c.first_order_at.into_iter().chain(at).min();
-        c.last_order_at = c.last_order_at.max(at);
     }
 }
 

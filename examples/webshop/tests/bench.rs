@@ -21,6 +21,8 @@ fn bench_runs_on_the_pipelines_own_workload() {
         .arg(&dir)
         .arg("--markdown")
         .arg(dir.join("BENCHMARKS.md"))
+        .arg("--config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/webshop.toml"))
         .env("KAFKA_BROKERS", sluice_testkit::brokers())
         .env("DATABASE_URL", sluice_testkit::postgres_url())
         .env("LOG_LEVEL", "warn")
