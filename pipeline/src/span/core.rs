@@ -257,11 +257,12 @@ impl<B: Default> Parts<B> {
     ) -> Result<Position, OutOfOrder> {
         let across = self.across;
         let held = &mut self.held;
-        // Items that no acknowledgement covers (tests, generated data): nothing to replay.
-        let part = self
-            .map
-            .entry(tp.clone())
-            .or_insert_with(|| Part::new(0, HashMap::new()));
+        // Looked up before inserting: `entry` would clone the key for every item.
+        if !self.map.contains_key(tp) {
+            // Items that no acknowledgement covers (tests, generated data): nothing to replay.
+            self.map.insert(tp.clone(), Part::new(0, HashMap::new()));
+        }
+        let part = self.map.get_mut(tp).expect("inserted above");
         if offset < part.seen {
             return Err(OutOfOrder {
                 tp: tp.clone(),
@@ -270,6 +271,14 @@ impl<B: Default> Parts<B> {
             });
         }
         part.seen = offset;
+        if part.plans.is_empty() {
+            // Nothing recorded to cut again (the usual case): a pane is cut only by the stage.
+            let boundary = part.panes.get(&key).is_none_or(|p| offset > p.last);
+            return Ok(Position {
+                in_plan: false,
+                boundary,
+            });
+        }
         while let Some(plan) = part.plans.get_mut(&key).and_then(|q| {
             let done = q.front().is_some_and(|p| p.last < offset);
             done.then(|| q.pop_front()).flatten()
@@ -277,6 +286,9 @@ impl<B: Default> Parts<B> {
             if part.panes.get(&key).is_some_and(|p| p.holds(&plan)) {
                 cuts.extend(take(part, tp, key, Some(plan), across, held, finish));
             }
+        }
+        if part.plans.get(&key).is_some_and(VecDeque::is_empty) {
+            part.plans.remove(&key);
         }
         let in_plan = part
             .plans
@@ -347,6 +359,9 @@ impl<B: Default> Parts<B> {
     ) {
         let across = self.across;
         for (tp, part) in self.map.iter_mut() {
+            if part.plans.is_empty() {
+                continue;
+            }
             let keys: Vec<i64> = part.panes.keys().copied().collect();
             for key in keys {
                 if let Some(plan) = part.replaying(key)

@@ -234,6 +234,13 @@ pub async fn postgres(
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .map_err(failed(format!("cannot connect to {shown}")))?;
+    // `ADD COLUMN IF NOT EXISTS` on a table made by the same migration is a notice, not news.
+    sqlx::raw_sql("SET client_min_messages = warning")
+        .execute(&mut conn)
+        .await
+        .map_err(failed(format!(
+            "postgres {shown}: cannot set up the session"
+        )))?;
     sqlx::raw_sql(&format!(
         "CREATE TABLE IF NOT EXISTS {LEDGER} (scope TEXT NOT NULL, version INTEGER NOT NULL, \
          name TEXT NOT NULL, applied_at TIMESTAMP NOT NULL DEFAULT NOW(), PRIMARY KEY (scope, version))"
