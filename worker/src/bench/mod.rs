@@ -307,7 +307,9 @@ impl Report {
             "- date: {}\n- commit: `{}`\n- machine: {} cores, {:.1} GiB, {}; the broker (Tansu), ClickHouse and PostgreSQL run on the same machine\n- data: {} workload records on {} partitions (filled in {:.1} s)\n- settings: batch_max_rows {}, batch_linger_ms {}, insert_concurrency {}, queue_capacity {}\n",
             time::OffsetDateTime::from_unix_timestamp(self.unix_time as i64)
                 .ok()
-                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .and_then(|t| t
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok())
                 .unwrap_or_else(|| self.unix_time.to_string()),
             self.commit,
             self.machine.cores,
