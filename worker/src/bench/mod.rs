@@ -12,6 +12,7 @@
 //!   old each source range's oldest record was when they held it
 //!   (`sluice_record_age_seconds`).
 
+mod charts;
 mod produce;
 
 use std::fmt::Write as _;
@@ -183,6 +184,8 @@ pub struct Latency {
     pub p99_ms: f64,
     /// Slowest, milliseconds.
     pub max_ms: f64,
+    /// Every quantile the summary gives: (quantile, milliseconds), ascending.
+    pub quantiles: Vec<(f64, f64)>,
     /// The live worker's peak RSS, bytes.
     pub peak_rss: u64,
 }
@@ -235,6 +238,9 @@ pub struct BenchSettings {
     /// `pipeline.queue_capacity`.
     pub queue_capacity: usize,
 }
+
+/// Where the charts go, relative to the Markdown report's directory.
+pub const CHARTS_DIR: &str = "docs/bench";
 
 const WORKER_CH: &str = "worker → ClickHouse";
 const WORKER_PG: &str = "worker → ClickHouse + PostgreSQL";
@@ -292,8 +298,8 @@ impl Report {
         t
     }
 
-    /// `BENCHMARKS.md`.
-    pub fn markdown(&self, binary: &str) -> String {
+    /// `BENCHMARKS.md`, linking the given charts: (file name under [`CHARTS_DIR`], title).
+    pub fn markdown(&self, binary: &str, charts: &[(&str, &str)]) -> String {
         let mut m = String::from("# Sluice end-to-end benchmark\n\n");
         let _ = writeln!(
             m,
@@ -340,6 +346,9 @@ impl Report {
                 p.cpu_per_million(),
                 p.peak_rss as f64 / 1_048_576.0
             );
+        }
+        for (file, title) in charts {
+            let _ = writeln!(m, "\n![{title}]({CHARTS_DIR}/{file})");
         }
         m.push_str("\n## Targets\n\n| target | measured |\n|---|---|\n");
         for (worker, label) in [
@@ -600,9 +609,33 @@ pub(crate) async fn run<S: Settings>(
             format!("cannot write {}", path.display())
         })?;
     }
+    // Charts beside the JSON, and beside the Markdown report that links them.
+    let charts = charts::render(&report).map_err(|e| Error::Other(format!("charts: {e}")))?;
+    let markdown_dir = opts
+        .markdown
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join(CHARTS_DIR);
+    let mut dirs = vec![dir.clone()];
     if !opts.no_markdown {
+        ctx(std::fs::create_dir_all(&markdown_dir), || {
+            format!("cannot create {}", markdown_dir.display())
+        })?;
+        dirs.push(markdown_dir);
+    }
+    for (name, _, svg) in &charts {
+        for d in &dirs {
+            let path = d.join(name);
+            ctx(std::fs::write(&path, svg), || {
+                format!("cannot write {}", path.display())
+            })?;
+        }
+    }
+    if !opts.no_markdown {
+        let links: Vec<(&str, &str)> = charts.iter().map(|(n, t, _)| (*n, *t)).collect();
         ctx(
-            std::fs::write(&opts.markdown, report.markdown(&binary)),
+            std::fs::write(&opts.markdown, report.markdown(&binary, &links)),
             || format!("cannot write {}", opts.markdown.display()),
         )?;
     }
@@ -827,12 +860,22 @@ fn record_ages(metrics: &str, plan: &Plan) -> Option<Latency> {
         .filter(|t| !t.windowed)
         .filter_map(|t| {
             let stage = t.name.as_str();
+            let prefix = format!("{name}{{stage=\"{stage}\",quantile=\"");
+            let mut quantiles: Vec<(f64, f64)> = metrics
+                .lines()
+                .filter_map(|l| {
+                    let (q, v) = l.strip_prefix(&prefix)?.split_once("\"} ")?;
+                    Some((q.parse().ok()?, v.trim().parse::<f64>().ok()? * 1e3))
+                })
+                .collect();
+            quantiles.sort_by(|a, b| a.0.total_cmp(&b.0));
             Some(Latency {
                 sink: stage.to_owned(),
                 samples: value(stage, "_count", None)? as u64,
                 p50_ms: value(stage, "", Some("0.5"))? * 1e3,
                 p99_ms: value(stage, "", Some("0.99"))? * 1e3,
                 max_ms: value(stage, "", Some("1"))? * 1e3,
+                quantiles,
                 ..Latency::default()
             })
         })
@@ -1242,6 +1285,33 @@ mod tests {
             ],
             latency: None,
         };
+        let mut report = report;
+        // Without the latency phase, only the phases' chart: every phase named, each bar as long
+        // as its value.
+        let charts = charts::render(&report).expect("charts");
+        assert_eq!(charts.len(), 1);
+        let svg = &charts[0].2;
+        for p in &report.phases {
+            assert!(svg.contains(&p.name), "{} not in the chart", p.name);
+        }
+        for label in [" 1000", " 500", " 250", " 2000.00"] {
+            assert!(svg.contains(label), "no bar labelled {label}");
+        }
+        report.latency = Some(Latency {
+            rate: 100,
+            sink: "a".into(),
+            quantiles: vec![(0.5, 400.0), (0.99, 950.0), (1.0, 1200.0)],
+            ..Latency::default()
+        });
+        let charts = charts::render(&report).expect("charts");
+        assert_eq!(charts[1].0, "bench-latency.svg");
+        for label in ["p50", "p99", "max", "1200", "linger + 500 ms = 1000 ms"] {
+            assert!(
+                charts[1].2.contains(label),
+                "{label} not in the latency chart"
+            );
+        }
+        report.latency = None;
         // min(A, B) = 500 records/s; the worker did 250.
         assert_eq!(report.ratio(WORKER_CH), Some(0.5));
         assert_eq!(report.ratio(WORKER_PG), None);
@@ -1251,7 +1321,11 @@ mod tests {
                 .table()
                 .contains("worker → ClickHouse / min(A, B): 50%")
         );
-        let md = report.markdown("sluice");
+        let md = report.markdown("sluice", &[("bench-phases.svg", "phases")]);
+        assert!(
+            md.contains("![phases](docs/bench/bench-phases.svg)"),
+            "{md}"
+        );
         assert!(
             md.contains("| worker → ClickHouse ≥ 80% of min(A, B) | 50% |"),
             "{md}"
@@ -1294,5 +1368,6 @@ sluice_record_age_seconds_count{stage=\"w\"} 10
             (l.samples, l.p50_ms, l.p99_ms, l.max_ms),
             (200, 400.0, 950.0, 1000.0)
         );
+        assert_eq!(l.quantiles, [(0.5, 400.0), (0.99, 950.0), (1.0, 1000.0)]);
     }
 }
