@@ -106,5 +106,23 @@ async fn bench_measures_every_phase_on_the_same_events_and_writes_its_reports() 
     ] {
         assert!(md.contains(needle), "no {needle:?} in\n{md}");
     }
+    // The charts: beside the JSON, and beside the report that links them.
+    for chart in ["bench-phases.svg", "bench-latency.svg"] {
+        assert!(
+            md.contains(&format!("](docs/bench/{chart})")),
+            "{chart} not linked in\n{md}"
+        );
+        let linked = std::fs::read_to_string(dir.join("docs/bench").join(chart)).expect(chart);
+        let beside = std::fs::read_to_string(dir.join(chart)).expect(chart);
+        assert!(linked.starts_with("<svg") && linked == beside, "{chart}");
+    }
+    let phases_svg = std::fs::read_to_string(dir.join("bench-phases.svg")).expect("phases");
+    for p in phases {
+        let name = p["name"].as_str().unwrap_or_default();
+        assert!(phases_svg.contains(name), "{name} not charted");
+    }
+    let latency_svg = std::fs::read_to_string(dir.join("bench-latency.svg")).expect("latency");
+    let p99 = format!("{:.0}", ms("p99_ms"));
+    assert!(latency_svg.contains(&p99), "p99 {p99} not charted");
     let _ = std::fs::remove_dir_all(&dir);
 }
