@@ -78,16 +78,7 @@ fn path(c: &mut Criterion) {
     });
     group.bench_function("decode_route_encode", |b| {
         b.iter(|| {
-            let mut rows = TableRows::default();
-            for (value, tenant) in &sample {
-                if let Ok(e) = Event::decode(value, Some(tenant))
-                    && let Ok(routed) = route(&e)
-                {
-                    for row in routed {
-                        rows.push(row);
-                    }
-                }
-            }
+            let rows = TableRows::decode_route(&sample);
             rt.block_on(rows.insert(&client)).expect("insert");
         })
     });

@@ -148,6 +148,22 @@ macro_rules! table_rows {
                 }
             }
 
+            /// Decodes and routes sample records (value, `tenant_id` header) as the worker's
+            /// stages do; records that fail either are left out.
+            pub fn decode_route(sample: &[(Vec<u8>, Vec<u8>)]) -> Self {
+                let mut rows = Self::default();
+                for (value, tenant) in sample {
+                    if let Ok(e) = sluice_schemas::Event::decode(value, Some(tenant))
+                        && let Ok(routed) = sluice_operators::route(&e)
+                    {
+                        for row in routed {
+                            rows.push(row);
+                        }
+                    }
+                }
+                rows
+            }
+
             /// Rows in all tables.
             pub fn len(&self) -> usize {
                 0 $(+ self.$variant.len())*
