@@ -7,14 +7,17 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sluice_operators::{StateEvent, StreamAnalytics, UsageFact, UsageWindows};
+use sluice_operators::{
+    EncodedRow, RowEncoders, StateEvent, StreamAnalytics, UsageFact, UsageWindows,
+};
 use sluice_pipeline::{DeadLetter, DecodePort, Decoded, KafkaRecord, Stage, WindowSpec};
-use sluice_schemas::TableRow;
 use sluice_schemas::rows::{
     ConnectionEventRow, NodeMetricRow, RoutingEventRow, RowBytes, StreamEventRow, StreamHealthRow,
     TrackListRow, UsageRow, ViewerMetricRow,
 };
+use sluice_sinks::{Encoded, RowBinary};
 use sluice_worker::{BoxError, ConfigError, Settings, Table, Wiring, invalid};
+use smallvec::SmallVec;
 
 /// `[frameworks]`: the usage windows and the cluster id they are written with.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -59,71 +62,61 @@ impl Settings for FrameWorks {
     }
 }
 
-/// What one record becomes: table rows, and its effect on `stream_analytics` when reduction
-/// is on and its type is reduced.
+/// What one record becomes: its table rows (encoded for their tables), and its effect on
+/// `stream_analytics` when reduction is on and its type is reduced.
 #[derive(Debug, Default)]
 pub struct Processed {
     /// ClickHouse rows.
-    pub rows: Vec<TableRow>,
+    pub rows: SmallVec<[EncodedRow; 2]>,
     /// The reducer's view of the event.
     pub state: Option<StateEvent>,
     /// Its usage figures, for `usage_records`.
     pub usage: Vec<UsageFact>,
 }
 
-/// Decodes and routes one record (and prepares its reduction when `reduce`), or says why it
-/// is a dead letter.
-pub fn process(record: KafkaRecord, reduce: bool) -> Result<Processed, Box<DeadLetter>> {
-    let dead = |record: KafkaRecord, stage: &'static str, reason: &'static str, error: String| {
-        Box::new(DeadLetter {
-            record,
-            error,
-            stage,
-            reason,
-        })
-    };
+/// Why a record is a dead letter: the stage, a short stable reason, the error.
+pub type Rejected = (&'static str, &'static str, String);
+
+/// Decodes, routes and encodes one record (with `encoders`, the worker's), and prepares its
+/// reduction when `reduce`; or says why it is a dead letter. The rows are encoded straight
+/// from the record's bytes: nothing of them is owned in between.
+pub fn process(
+    record: &KafkaRecord,
+    reduce: bool,
+    encoders: &mut RowEncoders,
+) -> Result<Processed, Rejected> {
     let Some(value) = record.value.as_deref() else {
-        return Err(dead(
-            record,
-            "decode",
-            "empty",
-            "record has no value".into(),
-        ));
+        return Err(("decode", "empty", "record has no value".into()));
     };
-    let event = match sluice_schemas::Event::decode(
-        value,
-        record.header("tenant_id").map(|h| h.as_ref()),
-    ) {
-        Ok(e) => e,
-        Err(e) => {
-            let reason = match &e {
-                sluice_schemas::DecodeError::Empty => "empty",
-                sluice_schemas::DecodeError::Json(_) => "invalid_json",
-                sluice_schemas::DecodeError::NotObject(_) => "not_an_object",
-                sluice_schemas::DecodeError::Missing(_) => "missing_field",
-                sluice_schemas::DecodeError::Invalid { .. } => "invalid_field",
-                sluice_schemas::DecodeError::UnknownType(_) => "unknown_type",
-            };
-            return Err(dead(record, "decode", reason, e.to_string()));
-        }
-    };
-    let rows = match sluice_operators::route(&event) {
-        Ok(rows) => rows,
-        Err(e) => {
-            let reason = match &e {
-                sluice_operators::RouteError::Missing { .. } => "missing_field",
-                sluice_operators::RouteError::NotNumber { .. } => "not_a_number",
-                sluice_operators::RouteError::OutOfRange { .. } => "out_of_range",
-                sluice_operators::RouteError::Invalid { .. } => "invalid_field",
-            };
-            return Err(dead(record, "route", reason, e.to_string()));
-        }
-    };
+    let event =
+        sluice_schemas::Event::decode(value, record.header("tenant_id").map(|h| h.as_ref()))
+            .map_err(|e| {
+                let reason = match &e {
+                    sluice_schemas::DecodeError::Empty => "empty",
+                    sluice_schemas::DecodeError::Json(_) => "invalid_json",
+                    sluice_schemas::DecodeError::NotObject(_) => "not_an_object",
+                    sluice_schemas::DecodeError::Missing(_) => "missing_field",
+                    sluice_schemas::DecodeError::Invalid { .. } => "invalid_field",
+                    sluice_schemas::DecodeError::UnknownType(_) => "unknown_type",
+                };
+                ("decode", reason, e.to_string())
+            })?;
+    let routed = sluice_operators::route(&event).map_err(|e| {
+        let reason = match &e {
+            sluice_operators::RouteError::Missing { .. } => "missing_field",
+            sluice_operators::RouteError::NotNumber { .. } => "not_a_number",
+            sluice_operators::RouteError::OutOfRange { .. } => "out_of_range",
+            sluice_operators::RouteError::Invalid { .. } => "invalid_field",
+        };
+        ("route", reason, e.to_string())
+    })?;
+    let rows = routed
+        .iter()
+        .map(|row| encoders.encode(row))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ("encode", "unencodable", e.to_string()))?;
     let state = if reduce {
-        match StateEvent::from_event(&event) {
-            Ok(state) => state,
-            Err(e) => return Err(dead(record, "reduce", "invalid_field", e.to_string())),
-        }
+        StateEvent::from_event(&event).map_err(|e| ("reduce", "invalid_field", e.to_string()))?
     } else {
         None
     };
@@ -139,7 +132,7 @@ macro_rules! event_tables {
         #[allow(non_snake_case)]
         #[derive(Clone, Copy)]
         struct Tables {
-            $($variant: DecodePort<$row>,)*
+            $($variant: DecodePort<Encoded<$row<'static>>>,)*
         }
 
         impl Tables {
@@ -149,17 +142,17 @@ macro_rules! event_tables {
                 w: &mut Wiring<'_, FrameWorks>,
             ) -> Result<Self, BoxError> {
                 $(
-                    let (port, rows) = decode.output::<$row>($table);
+                    let (port, rows) = decode.output::<Encoded<$row<'static>>>($table);
                     let $variant = port;
-                    w.into_clickhouse(rows, table::<$row>($table))?;
+                    w.into_clickhouse(rows, table::<$row<'static>>($table))?;
                 )*
                 Ok(Self { $($variant,)* })
             }
 
             /// Sends `row` to its table's output.
-            fn push(&self, out: &mut Decoded<'_>, row: TableRow) {
+            fn push(&self, out: &mut Decoded<'_>, row: EncodedRow) {
                 match row {
-                    $(TableRow::$variant(r) => out.push(&self.$variant, r),)*
+                    $(EncodedRow::$variant(r) => out.push(&self.$variant, r),)*
                 }
             }
         }
@@ -168,15 +161,16 @@ macro_rules! event_tables {
 
 sluice_schemas::with_event_tables!(event_tables);
 
-/// A FrameWorks table: rows count their strings in the batch limits, and a row check after a
-/// ClickHouse crash looks only at the batch's range of `timestamp`.
-fn table<T>(name: &str) -> Table<T>
+/// A FrameWorks event table: rows encoded from the record, counted by their bytes in the
+/// batch limits; a row check after a ClickHouse crash looks only at the batch's range of
+/// `timestamp`.
+fn table<R>(name: &str) -> Table<Encoded<R>, RowBinary<R>>
 where
-    T: clickhouse::RowOwned + clickhouse::RowWrite + RowBytes + Default + Send + Sync,
+    R: clickhouse::Row + clickhouse::RowWrite + 'static,
+    R::Value<'static>: Default,
+    for<'r> R::Value<'r>: Send + Sync,
 {
-    Table::new(name)
-        .size_of(T::row_bytes)
-        .check_range("timestamp")
+    Table::encoded(name).check_range("timestamp")
 }
 
 /// Wires the FrameWorks graph.
@@ -197,7 +191,12 @@ pub fn build(w: &mut Wiring<'_, FrameWorks>) -> Result<(), BoxError> {
         None
     };
     decode.run(move || {
-        move |record: KafkaRecord, out: &mut Decoded<'_>| match process(record, reduce) {
+        let mut encoders = RowEncoders::default();
+        move |record: KafkaRecord, out: &mut Decoded<'_>| match process(
+            &record,
+            reduce,
+            &mut encoders,
+        ) {
             Ok(Processed {
                 rows,
                 state,
@@ -213,7 +212,12 @@ pub fn build(w: &mut Wiring<'_, FrameWorks>) -> Result<(), BoxError> {
                     out.push(&usage, fact);
                 }
             }
-            Err(dead) => out.push_dead(*dead),
+            Err((stage, reason, error)) => out.push_dead(DeadLetter {
+                record,
+                error,
+                stage,
+                reason,
+            }),
         }
     });
     let spec = WindowSpec {
@@ -230,7 +234,9 @@ pub fn build(w: &mut Wiring<'_, FrameWorks>) -> Result<(), BoxError> {
     };
     w.window_into_clickhouse(
         usage_facts,
-        table::<UsageRow>("usage_records"),
+        Table::<UsageRow>::new("usage_records")
+            .size_of(UsageRow::row_bytes)
+            .check_range("timestamp"),
         spec,
         windows,
     )?;

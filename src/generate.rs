@@ -174,8 +174,8 @@ impl sluice_worker::Workload for Workload {
                     let (_, value, tenant) = generator.event(i);
                     sluice_schemas::Event::decode(value.as_bytes(), Some(tenant.as_bytes()))
                         .ok()
-                        .and_then(|e| sluice_operators::route(&e).ok())
-                        .map_or(0, |rows| rows.len() as u64)
+                        .and_then(|e| sluice_operators::route(&e).ok().map(|r| r.len() as u64))
+                        .unwrap_or(0)
                 })
                 .sum(),
         )

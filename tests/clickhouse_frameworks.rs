@@ -1,14 +1,15 @@
-//! FrameWorks rows into the real ClickHouse through the generic sink: every event type lands
-//! in its table with the DDL of `schemas/`, a retried batch lands once, `viewer_metrics_5m` is
+//! FrameWorks rows into the real ClickHouse through the generic sink, encoded from the record
+//! as the worker encodes them (`RowEncoder`, `RowBinary`): every event type lands in its table
+//! with the DDL of `schemas/`, every column as the contract says, a retried batch lands once, `viewer_metrics_5m` is
 //! right however the rows are batched, and a table of the wrong shape is refused.
 
-use clickhouse::Client;
-use sluice_operators::route;
+use clickhouse::{Client, Row, RowWrite};
+use sluice_operators::{EncodedRow, RowEncoders, route};
 use sluice_pipeline::testing::PartitionLedger;
 use sluice_pipeline::{Batch, Delivery, Sink, SourceSpan, TopicPartition};
 use sluice_schemas::rows::{StreamEventRow, TrackListRow, ViewerMetricRow};
 use sluice_schemas::{CLICKHOUSE_MIGRATIONS, EVENT_TABLES, Event, TableRow};
-use sluice_sinks::ClickHouseSink;
+use sluice_sinks::{ClickHouseSink, Encoded, RowBinary, RowEncoder};
 use sluice_testkit::unique;
 
 const TENANT: &str = "9b2f0a7c-4d3e-4b8a-8c1d-0e5f6a7b8c9d";
@@ -67,12 +68,48 @@ fn batch<T>(ledger: &std::sync::Arc<PartitionLedger>, first: i64, items: Vec<T>)
 }
 
 /// Row `index` of event `i` of type `kind` with `data`, as routing makes it.
-fn routed(i: usize, kind: &str, data: &str, index: usize) -> TableRow {
-    route(&event(i, kind, data)).expect("routes").remove(index)
+fn routed(i: usize, kind: &str, data: &str, index: usize) -> TableRow<'static> {
+    route(&event(i, kind, data))
+        .expect("routes")
+        .remove(index)
+        .into_owned()
+}
+
+/// `rows` encoded as the worker's decode stage encodes them.
+fn encoded<R: Row + RowWrite>(rows: &[R::Value<'_>]) -> Vec<Encoded<R>> {
+    let mut encoder = RowEncoder::<R>::default();
+    rows.iter()
+        .map(|r| encoder.encode(r).expect("encodes"))
+        .collect()
+}
+
+/// The worker's sink of encoded `R` rows into `table`.
+fn sink<R>(client: &Client, table: &str) -> ClickHouseSink<Encoded<R>, RowBinary<R>>
+where
+    R: Row + RowWrite + 'static,
+    R::Value<'static>: Default,
+    for<'r> R::Value<'r>: Send + Sync,
+{
+    ClickHouseSink::with_encoder(client.clone(), table, RowBinary::default())
+}
+
+/// The rows `sql` selects, owning their strings.
+macro_rules! fetch_rows {
+    ($client:expr, $sql:expr, $row:ident) => {{
+        let mut cursor = $client
+            .query($sql)
+            .fetch::<$row<'static>>()
+            .expect("select");
+        let mut rows = Vec::new();
+        while let Some(r) = cursor.next().await.expect("row") {
+            rows.push(r.into_owned());
+        }
+        rows
+    }};
 }
 
 /// `n` `stream_events` rows of distinct live events.
-fn stream_events(n: usize) -> Vec<StreamEventRow> {
+fn stream_events(n: usize) -> Vec<StreamEventRow<'static>> {
     (0..n)
         .map(|i| {
             match routed(
@@ -89,9 +126,14 @@ fn stream_events(n: usize) -> Vec<StreamEventRow> {
 }
 
 /// Writes `b` until the sink succeeds (a path that is coming back), at most 5 s.
-async fn write_until_ok<T>(sink: &mut ClickHouseSink<T>, b: &Batch<T>, what: &str)
-where
-    T: clickhouse::RowOwned + clickhouse::RowWrite + Default + Send + Sync,
+async fn write_until_ok<R>(
+    sink: &mut ClickHouseSink<Encoded<R>, RowBinary<R>>,
+    b: &Batch<Encoded<R>>,
+    what: &str,
+) where
+    R: Row + RowWrite + 'static,
+    R::Value<'static>: Default,
+    for<'r> R::Value<'r>: Send + Sync,
 {
     let mut attempts = 0;
     while let Err(e) = sink.write(b).await {
@@ -159,24 +201,30 @@ async fn every_event_type_lands_in_its_table() {
             r#"{"internal_name":"live+a","node_id":"edge-1","track_list":[{"codec":"H264"}]}"#,
         ),
     ];
-    let rows: Vec<TableRow> = samples
+    let events: Vec<Event> = samples
         .iter()
         .enumerate()
-        .flat_map(|(i, (k, d))| route(&event(i, k, d)).expect("routes"))
+        .map(|(i, (k, d))| event(i, k, d))
+        .collect();
+    let mut encoders = RowEncoders::default();
+    let rows: Vec<EncodedRow> = events
+        .iter()
+        .flat_map(|e| route(e).expect("routes"))
+        .map(|r| encoders.encode(&r).expect("encodes"))
         .collect();
     let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 0));
     let mut next = 0i64;
     macro_rules! write_table {
         ($variant:ident, $ty:ty, $table:literal) => {{
-            let items: Vec<$ty> = rows
+            let items: Vec<Encoded<$ty>> = rows
                 .iter()
                 .filter_map(|r| match r {
-                    TableRow::$variant(x) => Some(x.clone()),
+                    EncodedRow::$variant(x) => Some(x.clone()),
                     _ => None,
                 })
                 .collect();
             let n = items.len();
-            let mut sink = ClickHouseSink::<$ty>::new(client.clone(), $table);
+            let mut sink = sink::<$ty>(&client, $table);
             sink.check().await.expect("schema matches");
             let b = batch(&ledger, next, items);
             next += n.max(1) as i64;
@@ -188,7 +236,7 @@ async fn every_event_type_lands_in_its_table() {
     use sluice_schemas::rows::*;
     macro_rules! write_all {
         ($($variant:ident: $row:ident = $table:literal,)*) => {
-            [$(($table, write_table!($variant, $row, $table)),)*]
+            [$(($table, write_table!($variant, $row<'static>, $table)),)*]
         };
     }
     let expected = sluice_schemas::with_event_tables!(write_all);
@@ -201,11 +249,11 @@ async fn every_event_type_lands_in_its_table() {
     for (table, n) in expected {
         assert_eq!(count(&client, table).await, n as u64, "{table}");
     }
-    let back: Vec<StreamEventRow> = client
-        .query("SELECT ?fields FROM stream_events WHERE event_type = 'recording-lifecycle'")
-        .fetch_all()
-        .await
-        .expect("select");
+    let back = fetch_rows!(
+        client,
+        "SELECT ?fields FROM stream_events WHERE event_type = 'recording-lifecycle'",
+        StreamEventRow
+    );
     assert_eq!(
         (
             back[0].file_size,
@@ -215,26 +263,28 @@ async fn every_event_type_lands_in_its_table() {
         (Some(1_048_576), Some(60), None)
     );
     assert_eq!(back[0].tenant_id.to_string(), TENANT);
-    let conn: ConnectionEventRow = client
-        .query("SELECT ?fields FROM connection_events")
-        .fetch_one()
-        .await
-        .expect("select");
+    let conn = fetch_rows!(
+        client,
+        "SELECT ?fields FROM connection_events",
+        ConnectionEventRow
+    )
+    .remove(0);
     assert_eq!(
         (
             conn.bytes_transferred,
             conn.session_duration,
-            conn.event_type.as_str()
+            &*conn.event_type
         ),
         (300, 30, "disconnect")
     );
-    let tracks: TrackListRow = client
-        .query("SELECT ?fields FROM track_list_events")
-        .fetch_one()
-        .await
-        .expect("select");
+    let tracks = fetch_rows!(
+        client,
+        "SELECT ?fields FROM track_list_events",
+        TrackListRow
+    )
+    .remove(0);
     assert_eq!(
-        (tracks.track_count, tracks.track_list.as_str()),
+        (tracks.track_count, &*tracks.track_list),
         (1, r#"[{"codec":"H264"}]"#)
     );
 }
@@ -243,7 +293,7 @@ async fn every_event_type_lands_in_its_table() {
 async fn a_retried_batch_lands_once_and_distinct_batches_with_equal_rows_both_land() {
     let client = fresh_database().await;
     let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 3));
-    let rows: Vec<ViewerMetricRow> = (0..100)
+    let rows: Vec<ViewerMetricRow<'static>> = (0..100)
         .map(|i| {
             match routed(
                 i,
@@ -256,7 +306,8 @@ async fn a_retried_batch_lands_once_and_distinct_batches_with_equal_rows_both_la
             }
         })
         .collect();
-    let mut sink = ClickHouseSink::<ViewerMetricRow>::new(client.clone(), "viewer_metrics");
+    let rows = encoded::<ViewerMetricRow<'static>>(&rows);
+    let mut sink = sink::<ViewerMetricRow<'static>>(&client, "viewer_metrics");
     let first = batch(&ledger, 0, rows.clone());
     sink.write(&first).await.expect("insert");
     sink.write(&first)
@@ -281,7 +332,7 @@ async fn a_retried_batch_lands_once_and_distinct_batches_with_equal_rows_both_la
 async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
     let client = fresh_database().await;
     let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 5));
-    let rows = stream_events(100);
+    let rows = encoded::<StreamEventRow<'static>>(&stream_events(100));
     let b = batch(&ledger, 0, rows);
     let ch: std::net::SocketAddr = clickhouse_url()
         .trim_start_matches("http://")
@@ -294,7 +345,7 @@ async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
     let proxy = sluice_testkit::net::TcpProxy::start(proxy_addr, ch);
     let via_proxy = client.clone().with_url(format!("http://{proxy_addr}"));
     let mut sink =
-        ClickHouseSink::<StreamEventRow>::new(via_proxy, "stream_events").check_range("timestamp");
+        sink::<StreamEventRow<'static>>(&via_proxy, "stream_events").check_range("timestamp");
     // The proxy listens in a moment.
     write_until_ok(&mut sink, &b, "the proxy listens").await;
     client
@@ -342,18 +393,16 @@ async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
 async fn viewer_metrics_5m_is_exact_under_many_small_inserts() {
     let client = fresh_database().await;
     let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 0));
-    let mut sink = ClickHouseSink::<ViewerMetricRow>::new(client.clone(), "viewer_metrics");
+    let mut sink = sink::<ViewerMetricRow<'static>>(&client, "viewer_metrics");
     let mut offset = 0i64;
     for chunk in 0..40usize {
-        let rows: Vec<ViewerMetricRow> = (0..25usize)
+        let rows: Vec<ViewerMetricRow<'static>> = (0..25usize)
             .map(|j| {
                 let i = chunk * 25 + j;
-                let mut v = match route(&event(i % 900, "client-lifecycle", &format!(
+                let mut v = match routed(i % 900, "client-lifecycle", &format!(
                     r#"{{"internal_name":"s{}","node_id":"n{}","packets_sent":"{}","packets_lost":"{}","buffer_health":"0.{}"}}"#,
                     i % 3, i % 2, 100 + i, i % 17, i % 10
-                )))
-                .expect("routes")
-                .remove(1)
+                ), 1)
                 {
                     TableRow::ViewerMetric(v) => v,
                     other => panic!("{other:?}"),
@@ -362,7 +411,7 @@ async fn viewer_metrics_5m_is_exact_under_many_small_inserts() {
                 v
             })
             .collect();
-        let b = batch(&ledger, offset, rows);
+        let b = batch(&ledger, offset, encoded::<ViewerMetricRow<'static>>(&rows));
         offset += 25;
         sink.write(&b).await.expect("insert");
         b.ack();
@@ -412,7 +461,7 @@ async fn a_table_of_the_wrong_shape_is_refused_naming_the_column() {
         .execute()
         .await
         .expect("create");
-    let err = ClickHouseSink::<TrackListRow>::new(client.clone(), "track_list_events")
+    let err = sink::<TrackListRow<'static>>(&client, "track_list_events")
         .check()
         .await
         .expect_err("mismatch");
@@ -422,7 +471,7 @@ async fn a_table_of_the_wrong_shape_is_refused_naming_the_column() {
         msg.contains("track_count") && msg.contains("track_list_events"),
         "{msg}"
     );
-    let missing = ClickHouseSink::<StreamEventRow>::new(client.clone(), "no_such_table")
+    let missing = sink::<StreamEventRow<'static>>(&client, "no_such_table")
         .check()
         .await
         .expect_err("missing");
@@ -439,26 +488,27 @@ async fn ingest(
 ) {
     use sluice_schemas::rows::*;
     let event = Event::decode(json.as_bytes(), header.map(str::as_bytes)).expect("decodes");
+    let mut encoders = RowEncoders::default();
     for row in route(&event).expect("routes") {
         macro_rules! put {
-            ($ty:ty, $table:literal, $r:expr) => {{
+            ($ty:ident, $table:literal, $r:expr) => {{
                 let b = batch(ledger, *next, vec![$r]);
                 *next += 1;
-                ClickHouseSink::<$ty>::new(client.clone(), $table)
+                sink::<$ty<'static>>(client, $table)
                     .write(&b)
                     .await
                     .expect("insert");
                 b.ack();
             }};
         }
-        match row {
-            TableRow::StreamEvent(r) => put!(StreamEventRow, "stream_events", r),
-            TableRow::ConnectionEvent(r) => put!(ConnectionEventRow, "connection_events", r),
-            TableRow::StreamHealth(r) => put!(StreamHealthRow, "stream_health_metrics", r),
-            TableRow::ViewerMetric(r) => put!(ViewerMetricRow, "viewer_metrics", r),
-            TableRow::NodeMetric(r) => put!(NodeMetricRow, "node_metrics", r),
-            TableRow::RoutingEvent(r) => put!(RoutingEventRow, "routing_events", r),
-            TableRow::TrackList(r) => put!(TrackListRow, "track_list_events", r),
+        match encoders.encode(&row).expect("encodes") {
+            EncodedRow::StreamEvent(r) => put!(StreamEventRow, "stream_events", r),
+            EncodedRow::ConnectionEvent(r) => put!(ConnectionEventRow, "connection_events", r),
+            EncodedRow::StreamHealth(r) => put!(StreamHealthRow, "stream_health_metrics", r),
+            EncodedRow::ViewerMetric(r) => put!(ViewerMetricRow, "viewer_metrics", r),
+            EncodedRow::NodeMetric(r) => put!(NodeMetricRow, "node_metrics", r),
+            EncodedRow::RoutingEvent(r) => put!(RoutingEventRow, "routing_events", r),
+            EncodedRow::TrackList(r) => put!(TrackListRow, "track_list_events", r),
         }
     }
 }
@@ -503,11 +553,11 @@ async fn every_field_form_lands_with_every_column_as_the_contract_says() {
     let (t5, s5) = ts(5);
     ingest(&client, &ledger, &mut next, &format!(r#"{{"id":"{}","type":"node-lifecycle","timestamp":"{t5}","tenant_id":"{TENANT}","data":{{"node_id":"edge-9","cpu_usage":"55.5","is_healthy":1,"ram_max":"4096","ram_current":1024,"up_speed":"10","down_speed":20,"stream_count":"7"}}}}"#, id(5)), None).await;
 
-    let stream_events: Vec<StreamEventRow> = client
-        .query("SELECT ?fields FROM stream_events ORDER BY timestamp")
-        .fetch_all()
-        .await
-        .expect("select");
+    let stream_events = fetch_rows!(
+        client,
+        "SELECT ?fields FROM stream_events ORDER BY timestamp",
+        StreamEventRow
+    );
     assert_eq!(
         stream_events,
         vec![
@@ -532,14 +582,14 @@ async fn every_field_form_lands_with_every_column_as_the_contract_says() {
                 tenant_id: uuid::Uuid::parse_str(data_tenant).expect("uuid"),
                 internal_name: "live+x".into(),
                 event_type: "recording-lifecycle".into(),
-                status: String::new(),
-                node_id: String::new(),
+                status: "".into(),
+                node_id: "".into(),
                 ingest_type: None,
                 protocol: None,
                 target: None,
                 file_size: Some(2048),
                 duration: Some(30),
-                event_data: format!(r#"{{"duration":30.0,"file_size":2048,"internal_name":"live+x","tenant_id":"{data_tenant}"}}"#),
+                event_data: format!(r#"{{"duration":30.0,"file_size":2048,"internal_name":"live+x","tenant_id":"{data_tenant}"}}"#).into(),
             },
             StreamEventRow {
                 event_id: id(3),
@@ -547,8 +597,8 @@ async fn every_field_form_lands_with_every_column_as_the_contract_says() {
                 tenant_id: uuid::Uuid::parse_str(header_tenant).expect("uuid"),
                 internal_name: "live+x".into(),
                 event_type: "push-lifecycle".into(),
-                status: String::new(),
-                node_id: String::new(),
+                status: "".into(),
+                node_id: "".into(),
                 ingest_type: None,
                 protocol: Some("rtmp".into()),
                 target: None,
@@ -558,11 +608,11 @@ async fn every_field_form_lands_with_every_column_as_the_contract_says() {
             },
         ]
     );
-    let conn: Vec<ConnectionEventRow> = client
-        .query("SELECT ?fields FROM connection_events")
-        .fetch_all()
-        .await
-        .expect("select");
+    let conn = fetch_rows!(
+        client,
+        "SELECT ?fields FROM connection_events",
+        ConnectionEventRow
+    );
     assert_eq!(
         conn,
         vec![ConnectionEventRow {
@@ -578,11 +628,7 @@ async fn every_field_form_lands_with_every_column_as_the_contract_says() {
             ..Default::default()
         }]
     );
-    let nodes: Vec<NodeMetricRow> = client
-        .query("SELECT ?fields FROM node_metrics")
-        .fetch_all()
-        .await
-        .expect("select");
+    let nodes = fetch_rows!(client, "SELECT ?fields FROM node_metrics", NodeMetricRow);
     assert_eq!(
         nodes,
         vec![NodeMetricRow {
@@ -628,9 +674,10 @@ fn span(p: i32, first: i64, items: u64, batch: Option<sluice_pipeline::BatchRef>
 #[tokio::test]
 async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_holds_equal_rows() {
     let client = fresh_database().await;
-    let rows = stream_events(12);
-    let mut sink = ClickHouseSink::<StreamEventRow>::new(client.clone(), "stream_events")
-        .check_range("timestamp");
+    let events = stream_events(12);
+    let rows = encoded::<StreamEventRow<'static>>(&events);
+    let mut sink =
+        sink::<StreamEventRow<'static>>(&client, "stream_events").check_range("timestamp");
     sink.check().await.expect("the table and its landing view");
 
     // Batch A (partitions 0 and 1) lands; it holds rows 0..6, row 3 among them.
@@ -691,7 +738,7 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
     assert_eq!(count(&client, "stream_events").await, 13, "every row of B");
     let copies: u64 = client
         .query("SELECT count() FROM stream_events WHERE event_id = ?")
-        .bind(rows[3].event_id)
+        .bind(events[3].event_id)
         .fetch_one()
         .await
         .expect("copies");

@@ -3,8 +3,9 @@
 //! `realloc` that grows a buffer costs as much as a fresh one), with the bytes it asked for.
 //!
 //! The stages are those of `benches/path.rs`, on the same sample: `decode`, `route`, `encode`
-//! (the rows of all seven tables through the `clickhouse` client to a loopback server that
-//! discards them), `decode_route_encode`, `reducer_fold` and `span_batcher`. The first five
+//! (routed rows → RowBinary), `insert` (the encoded rows of all seven tables through the
+//! `clickhouse` client to a loopback server that discards them), `decode_route_encode` (all of
+//! it), `reducer_fold` and `span_batcher`. The first six
 //! run on this thread in a current-thread runtime, so the client's HTTP work is counted and the
 //! discarding server, on a thread of its own, is not; `span_batcher` runs a pipeline on two
 //! worker threads and counts every thread.
@@ -21,7 +22,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sluice_benches::{TableRows, discarding_server, sample_events};
-use sluice_operators::{StateEvent, StreamAnalytics, route};
+use sluice_operators::{RowEncoders, StateEvent, StreamAnalytics, route};
 use sluice_schemas::Event;
 
 struct Counting;
@@ -115,11 +116,14 @@ fn main() {
         .iter()
         .map(|(v, t)| Event::decode(v, Some(t)).expect("generated events decode"))
         .collect();
+    let routed: Vec<_> = events
+        .iter()
+        .map(|e| route(e).expect("generated events route"))
+        .collect();
+    let mut encoders = RowEncoders::default();
     let mut rows = TableRows::default();
-    for e in &events {
-        for row in route(e).expect("generated events route") {
-            rows.push(row);
-        }
+    for row in routed.iter().flatten() {
+        rows.push(encoders.encode(row).expect("routed rows encode"));
     }
     let state: Vec<StateEvent> = events
         .iter()
@@ -171,6 +175,15 @@ fn main() {
         "encode",
         "event",
         measure(Scope::Thread, EVENTS, || {
+            for row in routed.iter().flatten() {
+                black_box(encoders.encode(row).ok());
+            }
+        }),
+    ));
+    results.push((
+        "insert",
+        "event",
+        measure(Scope::Thread, EVENTS, || {
             rt.block_on(rows.insert(&client)).expect("insert")
         }),
     ));
@@ -178,7 +191,7 @@ fn main() {
         "decode_route_encode",
         "event",
         measure(Scope::Thread, EVENTS, || {
-            let rows = TableRows::decode_route(&sample);
+            let rows = TableRows::decode_route_encode(&sample, &mut encoders);
             rt.block_on(rows.insert(&client)).expect("insert");
         }),
     ));

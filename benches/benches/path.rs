@@ -1,9 +1,12 @@
 //! The in-process path of FrameWorks events, stage by stage and together:
 //! - `decode`: record value (JSON) and `tenant_id` header → `Event`;
-//! - `route`: `Event` → table rows;
-//! - `encode`: the rows of all seven tables → RowBinary, lz4 and HTTP framing by the
-//!   `clickhouse` client, as the worker's sinks send them, to a loopback server that reads and
-//!   discards each request (its cost is included: it runs on the same thread);
+//! - `route`: `Event` → table rows, borrowing the event's strings;
+//! - `encode`: routed rows → RowBinary, each into its table's `RowEncoder`, as the worker's
+//!   decode stage does;
+//! - `insert`: the encoded rows of all seven tables → one INSERT each (copied into the
+//!   `clickhouse` client's buffer, lz4 and HTTP framing), as the worker's sinks send them, to a
+//!   loopback server that reads and discards each request (its cost is included: it runs on
+//!   the same thread); `insert_uncompressed` without lz4;
 //! - `reducer_fold`: coalescing the sample's state events per stream (`StreamAnalytics`);
 //! - `span_batcher`: a pipeline stage cutting per-partition spans of sourced items, from a
 //!   source through the batcher into a counting sink;
@@ -19,7 +22,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sluice_benches::{TableRows, discarding_server, sample_events};
-use sluice_operators::{StateEvent, StreamAnalytics, route};
+use sluice_operators::{RowEncoders, StateEvent, StreamAnalytics, route};
 use sluice_schemas::Event;
 
 const EVENTS: u64 = 20_000;
@@ -31,11 +34,14 @@ fn path(c: &mut Criterion) {
         .iter()
         .map(|(v, t)| Event::decode(v, Some(t)).expect("generated events decode"))
         .collect();
+    let routed: Vec<_> = events
+        .iter()
+        .map(|e| route(e).expect("generated events route"))
+        .collect();
+    let mut encoders = RowEncoders::default();
     let mut rows = TableRows::default();
-    for e in &events {
-        for row in route(e).expect("generated events route") {
-            rows.push(row);
-        }
+    for row in routed.iter().flatten() {
+        rows.push(encoders.encode(row).expect("routed rows encode"));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -67,18 +73,25 @@ fn path(c: &mut Criterion) {
         })
     });
     group.bench_function("encode", |b| {
+        b.iter(|| {
+            for row in routed.iter().flatten() {
+                black_box(encoders.encode(row).ok());
+            }
+        })
+    });
+    group.bench_function("insert", |b| {
         b.iter(|| rt.block_on(rows.insert(&client)).expect("insert"))
     });
     // `clickhouse.compression = "none"`, for a ClickHouse on the same host.
     let uncompressed = client
         .clone()
         .with_compression(clickhouse::Compression::None);
-    group.bench_function("encode_uncompressed", |b| {
+    group.bench_function("insert_uncompressed", |b| {
         b.iter(|| rt.block_on(rows.insert(&uncompressed)).expect("insert"))
     });
     group.bench_function("decode_route_encode", |b| {
         b.iter(|| {
-            let rows = TableRows::decode_route(&sample);
+            let rows = TableRows::decode_route_encode(&sample, &mut encoders);
             rt.block_on(rows.insert(&client)).expect("insert");
         })
     });

@@ -1,15 +1,16 @@
 //! What Sluice's benchmarks share: sample FrameWorks events, routed rows per table, a
 //! discarding HTTP server, and pipelines for the runtime micro-benchmarks.
 
+use sluice_operators::{EncodedRow, RowEncoders};
 use sluice_pipeline::{
     Batch, BatchLimits, BatchSource, Pipeline, PipelineConfig, Sink, SinkError, SourceSpan,
     Sourced, SpanLog, TopicPartition,
 };
-use sluice_schemas::TableRow;
 use sluice_schemas::rows::{
     ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow,
     TrackListRow, ViewerMetricRow,
 };
+use sluice_sinks::{Encoded, Encoder, InsertRequest, RowBinary};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,35 +130,40 @@ pub const SAMPLE_UNTIL: i64 = 1_793_491_200;
 
 macro_rules! table_rows {
     ($($variant:ident: $row:ident = $table:literal,)*) => {
-        /// Routed rows, one vector per event table (from the one list of them), as the
-        /// worker's per-table sinks receive them.
+        /// Routed rows encoded for their tables, one vector per event table (from the one
+        /// list of them), as the worker's per-table sinks receive them.
         #[allow(non_snake_case)]
         #[derive(Default)]
         pub struct TableRows {
             $(
                 #[doc = concat!("`", $table, "`.")]
-                pub $variant: Vec<$row>,
+                pub $variant: Vec<Encoded<$row<'static>>>,
             )*
         }
 
         impl TableRows {
-            /// Adds one routed row to its table's vector.
-            pub fn push(&mut self, row: TableRow) {
+            /// Adds one encoded row to its table's vector.
+            pub fn push(&mut self, row: EncodedRow) {
                 match row {
-                    $(TableRow::$variant(r) => self.$variant.push(r),)*
+                    $(EncodedRow::$variant(r) => self.$variant.push(r),)*
                 }
             }
 
-            /// Decodes and routes sample records (value, `tenant_id` header) as the worker's
-            /// stages do; records that fail either are left out.
-            pub fn decode_route(sample: &[(Vec<u8>, Vec<u8>)]) -> Self {
+            /// Decodes, routes and encodes sample records (value, `tenant_id` header) as the
+            /// worker's decode stage does, with `encoders`; records that fail are left out.
+            pub fn decode_route_encode(
+                sample: &[(Vec<u8>, Vec<u8>)],
+                encoders: &mut RowEncoders,
+            ) -> Self {
                 let mut rows = Self::default();
                 for (value, tenant) in sample {
                     if let Ok(e) = sluice_schemas::Event::decode(value, Some(tenant))
                         && let Ok(routed) = sluice_operators::route(&e)
                     {
-                        for row in routed {
-                            rows.push(row);
+                        for row in &routed {
+                            if let Ok(encoded) = encoders.encode(row) {
+                                rows.push(encoded);
+                            }
                         }
                     }
                 }
@@ -174,8 +180,8 @@ macro_rules! table_rows {
                 self.len() == 0
             }
 
-            /// Inserts every table's rows with one INSERT each (RowBinary, the client's
-            /// default lz4), as the worker's ClickHouse sinks do.
+            /// Inserts every table's rows with one INSERT each, as the worker's ClickHouse
+            /// sinks do (their bytes copied into the client's buffer, lz4 by default).
             pub async fn insert(
                 &self,
                 client: &clickhouse::Client,
@@ -189,22 +195,22 @@ macro_rules! table_rows {
 
 sluice_schemas::with_event_tables!(table_rows);
 
-async fn insert<T>(
+async fn insert<R>(
     client: &clickhouse::Client,
     table: &str,
-    rows: &[T],
+    rows: &[Encoded<R>],
 ) -> Result<(), clickhouse::error::Error>
 where
-    T: clickhouse::RowOwned + clickhouse::RowWrite,
+    R: clickhouse::Row + clickhouse::RowWrite + 'static,
+    R::Value<'static>: Default,
+    for<'r> R::Value<'r>: Send + Sync,
 {
     if rows.is_empty() {
         return Ok(());
     }
-    let mut insert = client.insert::<T>(table).await?;
-    for row in rows {
-        insert.write(row).await?;
-    }
-    insert.end().await
+    RowBinary::<R>::default()
+        .write(InsertRequest::new(client, table, None), rows)
+        .await
 }
 
 /// An HTTP/1.1 server on loopback that reads each request whole (chunked or sized body),

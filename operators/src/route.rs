@@ -2,12 +2,15 @@
 //! not fit its column (not a number, out of range) is an error, never a silent default, so
 //! the record goes to the dead-letter topic with the reason.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 use sluice_schemas::rows::{
     ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow, TableRow,
     TrackListRow, ViewerMetricRow,
 };
 use sluice_schemas::{Event, EventType, Field};
+use smallvec::{SmallVec, smallvec};
 
 /// Why an event cannot become rows.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -48,23 +51,26 @@ pub enum RouteError {
     },
 }
 
-/// Reads typed fields of one event, turning bad values into [`RouteError`]s.
-struct Fields<'a>(&'a Event<'a>);
+/// Reads typed fields of one event, turning bad values into [`RouteError`]s. Text borrows
+/// from the event.
+struct Fields<'e>(&'e Event<'e>);
 
-impl Fields<'_> {
-    fn text(&self, key: &str) -> String {
+impl<'e> Fields<'e> {
+    fn text(&self, key: &str) -> Cow<'e, str> {
         self.0.text(key).unwrap_or_default()
     }
 
     /// Objects and arrays as JSON text, scalars as text.
-    fn json_text(&self, key: &str) -> String {
+    fn json_text(&self, key: &str) -> Cow<'e, str> {
         match self.0.data.get(key) {
-            Some(Field::Json(v @ (Value::Object(_) | Value::Array(_)))) => v.to_string(),
+            Some(Field::Json(v @ (Value::Object(_) | Value::Array(_)))) => {
+                Cow::Owned(v.to_string())
+            }
             _ => self.text(key),
         }
     }
 
-    fn required(&self, key: &'static str) -> Result<String, RouteError> {
+    fn required(&self, key: &'static str) -> Result<Cow<'e, str>, RouteError> {
         self.0.text(key).ok_or(RouteError::Missing {
             event_type: self.0.kind.as_str(),
             field: key,
@@ -152,8 +158,12 @@ fn needs_internal_name(kind: EventType) -> bool {
     !matches!(kind, EventType::NodeLifecycle | EventType::LoadBalancing)
 }
 
-/// The rows an event becomes (one, or two for `client-lifecycle`).
-pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
+/// The rows of one event: one, or two for `client-lifecycle`, kept inline.
+pub type Routed<'e> = SmallVec<[TableRow<'e>; 2]>;
+
+/// The rows an event becomes (one, or two for `client-lifecycle`), their strings borrowed
+/// from the event.
+pub fn route<'e>(e: &'e Event<'e>) -> Result<Routed<'e>, RouteError> {
     let f = Fields(e);
     let internal_name = if needs_internal_name(e.kind) {
         f.required("internal_name")?
@@ -171,14 +181,14 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
         | EventType::RecordingLifecycle => {
             let k = e.kind;
             let opt = |key: &str, applies: bool| if applies { e.text(key) } else { None };
-            vec![TableRow::StreamEvent(StreamEventRow {
+            smallvec![TableRow::StreamEvent(StreamEventRow {
                 event_id: e.id,
                 timestamp,
                 tenant_id,
                 internal_name,
-                event_type: k.as_str().to_owned(),
+                event_type: Cow::Borrowed(k.as_str()),
                 status: if k == EventType::StreamView {
-                    "request".to_owned()
+                    Cow::Borrowed("request")
                 } else {
                     f.text("status")
                 },
@@ -199,7 +209,7 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
                 } else {
                     None
                 },
-                event_data: e.data_json(),
+                event_data: Cow::Owned(e.data_json()),
             })]
         }
         EventType::UserConnection => {
@@ -210,7 +220,7 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
                 value: format!("{up} + {down}"),
                 column: "UInt64",
             })?;
-            vec![TableRow::ConnectionEvent(ConnectionEventRow {
+            smallvec![TableRow::ConnectionEvent(ConnectionEventRow {
                 event_id: e.id,
                 timestamp,
                 tenant_id,
@@ -237,7 +247,7 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
             } else {
                 0.0
             };
-            vec![
+            smallvec![
                 TableRow::StreamHealth(StreamHealthRow {
                     timestamp,
                     tenant_id,
@@ -265,7 +275,7 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
                 }),
             ]
         }
-        EventType::NodeLifecycle => vec![TableRow::NodeMetric(NodeMetricRow {
+        EventType::NodeLifecycle => smallvec![TableRow::NodeMetric(NodeMetricRow {
             timestamp,
             tenant_id,
             node_id: f.required("node_id")?,
@@ -298,7 +308,7 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
                     });
                 }
             };
-            vec![TableRow::RoutingEvent(RoutingEventRow {
+            smallvec![TableRow::RoutingEvent(RoutingEventRow {
                 timestamp,
                 tenant_id,
                 stream_name: if internal_name.is_empty() {
@@ -335,7 +345,7 @@ pub fn route(e: &Event) -> Result<Vec<TableRow>, RouteError> {
                     })
                 })?,
             };
-            vec![TableRow::TrackList(TrackListRow {
+            smallvec![TableRow::TrackList(TrackListRow {
                 timestamp,
                 event_id: e.id,
                 tenant_id,
@@ -364,8 +374,13 @@ mod tests {
             .into_owned()
     }
 
-    fn one(kind: &str, data: &str) -> TableRow {
-        let mut rows = route(&event(kind, data)).expect("routes");
+    /// `route`, its rows detached from the event.
+    fn routed(kind: &str, data: &str) -> Result<Vec<TableRow<'static>>, RouteError> {
+        route(&event(kind, data)).map(|rows| rows.into_iter().map(TableRow::into_owned).collect())
+    }
+
+    fn one(kind: &str, data: &str) -> TableRow<'static> {
+        let mut rows = routed(kind, data).expect("routes");
         assert_eq!(rows.len(), 1);
         rows.remove(0)
     }
@@ -383,7 +398,7 @@ mod tests {
             (Some("rtmp"), Some("RTMP"), None)
         );
         assert_eq!(
-            (r.status.as_str(), r.node_id.as_str(), r.event_type.as_str()),
+            (&*r.status, &*r.node_id, &*r.event_type),
             ("live", "n1", "stream-ingest")
         );
         let TableRow::StreamEvent(r) =
@@ -428,40 +443,40 @@ mod tests {
         };
         assert_eq!(
             (
-                r.event_type.as_str(),
+                &*r.event_type,
                 r.session_duration,
                 r.bytes_transferred,
-                r.user_id.as_str()
+                &*r.user_id
             ),
             ("disconnect", 30, 3072, "u")
         );
-        let err = route(&event(
+        let err = routed(
             "user-connection",
             r#"{"internal_name":"s","seconds_connected":"5000000000"}"#,
-        ))
+        )
         .unwrap_err();
         assert!(
             err.to_string()
                 .contains("does not fit the column type UInt32"),
             "{err}"
         );
-        let err = route(&event(
+        let err = routed(
             "user-connection",
             r#"{"internal_name":"s","up_bytes":"-1"}"#,
-        ))
+        )
         .unwrap_err();
         assert!(err.to_string().contains("UInt64"), "{err}");
-        let err = route(&event(
+        let err = routed(
             "user-connection",
             r#"{"internal_name":"s","up_bytes":"lots"}"#,
-        ))
+        )
         .unwrap_err();
         assert!(err.to_string().contains("not a number"), "{err}");
     }
 
     #[test]
     fn client_lifecycle_becomes_health_and_viewer_rows() {
-        let rows = route(&event("client-lifecycle", r#"{"internal_name":"s","node_id":"n","packets_sent":"200","packets_lost":"50","buffer_health":"0.75","protocol":"webrtc","bitrate":2500,"fps":"29.97"}"#)).unwrap();
+        let rows = routed("client-lifecycle", r#"{"internal_name":"s","node_id":"n","packets_sent":"200","packets_lost":"50","buffer_health":"0.75","protocol":"webrtc","bitrate":2500,"fps":"29.97"}"#).unwrap();
         let [TableRow::StreamHealth(h), TableRow::ViewerMetric(v)] = rows.as_slice() else {
             panic!("{rows:?}")
         };
@@ -470,16 +485,16 @@ mod tests {
         assert_eq!(
             (
                 v.viewer_count,
-                v.connection_type.as_str(),
+                &*v.connection_type,
                 v.connection_quality,
                 v.buffer_health
             ),
             (1, "webrtc", 0.75, 0.75)
         );
-        let rows = route(&event(
+        let rows = routed(
             "client-lifecycle",
             r#"{"internal_name":"s","packets_lost":"5"}"#,
-        ))
+        )
         .unwrap();
         let TableRow::ViewerMetric(v) = &rows[1] else {
             panic!()
@@ -490,7 +505,7 @@ mod tests {
     #[test]
     fn required_fields_per_type() {
         for kind in EventType::ALL {
-            let r = route(&event(kind.as_str(), r#"{"node_id":"n"}"#));
+            let r = routed(kind.as_str(), r#"{"node_id":"n"}"#);
             if needs_internal_name(kind) {
                 assert_eq!(
                     r.unwrap_err(),
@@ -504,7 +519,7 @@ mod tests {
             }
         }
         assert!(
-            route(&event("node-lifecycle", "{}"))
+            routed("node-lifecycle", "{}")
                 .unwrap_err()
                 .to_string()
                 .contains("node_id")
@@ -521,15 +536,15 @@ mod tests {
         };
         assert_eq!(
             (
-                r.stream_name.as_str(),
+                &*r.stream_name,
                 &r.client_country,
-                r.client_region.as_str(),
-                r.client_city.as_str()
+                &*r.client_region,
+                &*r.client_city
             ),
             ("s", b"NL", "NH", "Amsterdam")
         );
         assert_eq!(
-            (r.score, r.client_latitude, r.node_scores.as_str()),
+            (r.score, r.client_latitude, &*r.node_scores),
             (42, 52.37, r#"{"n1":0.5}"#)
         );
         let TableRow::RoutingEvent(r) = one(
@@ -538,15 +553,12 @@ mod tests {
         ) else {
             panic!()
         };
-        assert_eq!((r.stream_name.as_str(), &r.client_country), ("i", b"DE"));
+        assert_eq!((&*r.stream_name, &r.client_country), ("i", b"DE"));
         assert!(
-            route(&event(
-                "load-balancing",
-                r#"{"client_country":"Netherlands"}"#
-            ))
-            .unwrap_err()
-            .to_string()
-            .contains("two-letter")
+            routed("load-balancing", r#"{"client_country":"Netherlands"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("two-letter")
         );
     }
 
@@ -569,7 +581,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            (t.track_count, t.track_list.as_str()),
+            (t.track_count, &*t.track_list),
             (2, r#"[{"codec":"H264"},{"codec":"AAC"}]"#)
         );
         let TableRow::TrackList(t) = one(

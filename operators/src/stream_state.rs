@@ -3,6 +3,8 @@
 //! beyond the Go consumer (`docs/stream-analytics.md`), which only touch columns the Go rules
 //! never set.
 
+use std::borrow::Cow;
+
 use sluice_schemas::{Event, EventType};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -151,9 +153,9 @@ pub enum StateError {
 }
 
 /// `s` as PostgreSQL text of at most `max` characters: NULs removed, cut at `max`.
-fn pg_text(s: String, max: usize) -> String {
+fn pg_text(s: Cow<'_, str>, max: usize) -> String {
     if !s.contains('\0') && s.len() <= max {
-        return s;
+        return s.into_owned();
     }
     s.chars().filter(|c| *c != '\0').take(max).collect()
 }
@@ -249,7 +251,10 @@ impl StateEvent {
             EventType::TrackList => Change::Tracks {
                 count: e.i64("track_count"),
                 details: e.text("track_list").map(|t| {
-                    pg_json(serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)))
+                    pg_json(
+                        serde_json::from_str(&t)
+                            .unwrap_or_else(|_| serde_json::Value::String(t.into_owned())),
+                    )
                 }),
             },
             _ => return None,

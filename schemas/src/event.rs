@@ -277,11 +277,12 @@ impl<'a> Event<'a> {
     }
 
     /// A `data` field as text, numbers and booleans included.
-    pub fn text(&self, key: &str) -> Option<String> {
+    /// Borrowed from the event where the record held it as a string.
+    pub fn text(&self, key: &str) -> Option<Cow<'_, str>> {
         match self.data.get(key)? {
-            Field::Str(s) if !s.trim().is_empty() => Some(s.as_ref().to_owned()),
-            Field::Json(Value::Number(n)) => Some(n.to_string()),
-            Field::Json(Value::Bool(b)) => Some(b.to_string()),
+            Field::Str(s) if !s.trim().is_empty() => Some(Cow::Borrowed(s.as_ref())),
+            Field::Json(Value::Number(n)) => Some(Cow::Owned(n.to_string())),
+            Field::Json(Value::Bool(b)) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
             _ => None,
         }
     }

@@ -1,6 +1,12 @@
 //! Row types of the ClickHouse tables, as written with RowBinary. Timestamps are `DateTime`
 //! seconds since the epoch. Columns the contract leaves empty are written empty; columns no
 //! event fills (node and codec details, JSON metadata) have DEFAULTs in the DDL and are left out.
+//!
+//! An event table's row borrows its strings (`Cow<'a, str>`) from the event it is routed
+//! from, so that it can be encoded straight from the record and never owned;
+//! `into_owned` detaches one (tests, reading rows back).
+
+use std::borrow::Cow;
 
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
@@ -8,7 +14,7 @@ use uuid::Uuid;
 
 /// `stream_events`.
 #[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
-pub struct StreamEventRow {
+pub struct StreamEventRow<'a> {
     /// Event id.
     #[serde(with = "clickhouse::serde::uuid")]
     pub event_id: Uuid,
@@ -18,30 +24,30 @@ pub struct StreamEventRow {
     #[serde(with = "clickhouse::serde::uuid")]
     pub tenant_id: Uuid,
     /// Stream.
-    pub internal_name: String,
+    pub internal_name: Cow<'a, str>,
     /// Event type name.
-    pub event_type: String,
+    pub event_type: Cow<'a, str>,
     /// `data.status` (`request` for `stream-view`).
-    pub status: String,
+    pub status: Cow<'a, str>,
     /// Node.
-    pub node_id: String,
+    pub node_id: Cow<'a, str>,
     /// `stream-ingest` only.
-    pub ingest_type: Option<String>,
+    pub ingest_type: Option<Cow<'a, str>>,
     /// `stream-ingest` and `push-lifecycle` only.
-    pub protocol: Option<String>,
+    pub protocol: Option<Cow<'a, str>>,
     /// `push-lifecycle` only.
-    pub target: Option<String>,
+    pub target: Option<Cow<'a, str>>,
     /// `recording-lifecycle` only.
     pub file_size: Option<u64>,
     /// `recording-lifecycle` only.
     pub duration: Option<u32>,
     /// `data` as JSON.
-    pub event_data: String,
+    pub event_data: Cow<'a, str>,
 }
 
 /// `connection_events` (geo columns left at their defaults).
 #[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
-pub struct ConnectionEventRow {
+pub struct ConnectionEventRow<'a> {
     /// Event id.
     #[serde(with = "clickhouse::serde::uuid")]
     pub event_id: Uuid,
@@ -51,29 +57,29 @@ pub struct ConnectionEventRow {
     #[serde(with = "clickhouse::serde::uuid")]
     pub tenant_id: Uuid,
     /// Stream.
-    pub internal_name: String,
+    pub internal_name: Cow<'a, str>,
     /// Viewer.
-    pub user_id: String,
+    pub user_id: Cow<'a, str>,
     /// Session.
-    pub session_id: String,
+    pub session_id: Cow<'a, str>,
     /// Viewer address.
-    pub connection_addr: String,
+    pub connection_addr: Cow<'a, str>,
     /// User agent.
-    pub user_agent: String,
+    pub user_agent: Cow<'a, str>,
     /// Connector (protocol handler).
-    pub connector: String,
+    pub connector: Cow<'a, str>,
     /// Node.
-    pub node_id: String,
+    pub node_id: Cow<'a, str>,
     /// Geo data: not in the events, written empty (contract).
     pub country_code: [u8; 2],
     /// Geo data: empty.
-    pub city: String,
+    pub city: Cow<'a, str>,
     /// Geo data: zero.
     pub latitude: f64,
     /// Geo data: zero.
     pub longitude: f64,
     /// `action`: `connect` or `disconnect`.
-    pub event_type: String,
+    pub event_type: Cow<'a, str>,
     /// `seconds_connected`.
     pub session_duration: u32,
     /// `up_bytes + down_bytes`.
@@ -82,16 +88,16 @@ pub struct ConnectionEventRow {
 
 /// `stream_health_metrics` (from `client-lifecycle`).
 #[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
-pub struct StreamHealthRow {
+pub struct StreamHealthRow<'a> {
     /// Event time.
     pub timestamp: u32,
     /// Tenant.
     #[serde(with = "clickhouse::serde::uuid")]
     pub tenant_id: Uuid,
     /// Stream.
-    pub internal_name: String,
+    pub internal_name: Cow<'a, str>,
     /// Node.
-    pub node_id: String,
+    pub node_id: Cow<'a, str>,
     /// Bitrate.
     pub bitrate: u32,
     /// Frames per second.
@@ -112,24 +118,24 @@ pub struct StreamHealthRow {
 
 /// `viewer_metrics` (second row of `client-lifecycle`; geo columns left at defaults).
 #[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
-pub struct ViewerMetricRow {
+pub struct ViewerMetricRow<'a> {
     /// Event time.
     pub timestamp: u32,
     /// Tenant.
     #[serde(with = "clickhouse::serde::uuid")]
     pub tenant_id: Uuid,
     /// Stream.
-    pub internal_name: String,
+    pub internal_name: Cow<'a, str>,
     /// Always 1: one client.
     pub viewer_count: u32,
     /// `protocol`.
-    pub connection_type: String,
+    pub connection_type: Cow<'a, str>,
     /// Node.
-    pub node_id: String,
+    pub node_id: Cow<'a, str>,
     /// Geo data: not in the events, written empty (contract).
     pub country_code: [u8; 2],
     /// Geo data: empty.
-    pub city: String,
+    pub city: Cow<'a, str>,
     /// Geo data: zero.
     pub latitude: f64,
     /// Geo data: zero.
@@ -142,14 +148,14 @@ pub struct ViewerMetricRow {
 
 /// `node_metrics` (from `node-lifecycle`).
 #[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
-pub struct NodeMetricRow {
+pub struct NodeMetricRow<'a> {
     /// Event time.
     pub timestamp: u32,
     /// Tenant.
     #[serde(with = "clickhouse::serde::uuid")]
     pub tenant_id: Uuid,
     /// Node.
-    pub node_id: String,
+    pub node_id: Cow<'a, str>,
     /// CPU usage.
     pub cpu_usage: f32,
     /// RAM size.
@@ -168,43 +174,43 @@ pub struct NodeMetricRow {
 
 /// `routing_events` (from `load-balancing`).
 #[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
-pub struct RoutingEventRow {
+pub struct RoutingEventRow<'a> {
     /// Event time.
     pub timestamp: u32,
     /// Tenant.
     #[serde(with = "clickhouse::serde::uuid")]
     pub tenant_id: Uuid,
     /// `internal_name`, else `stream_name`.
-    pub stream_name: String,
+    pub stream_name: Cow<'a, str>,
     /// Chosen node.
-    pub selected_node: String,
+    pub selected_node: Cow<'a, str>,
     /// Decision status.
-    pub status: String,
+    pub status: Cow<'a, str>,
     /// Details.
-    pub details: String,
+    pub details: Cow<'a, str>,
     /// Score.
     pub score: i64,
     /// Client address.
-    pub client_ip: String,
+    pub client_ip: Cow<'a, str>,
     /// Two-letter country (`client_country`, else `country_code`).
     pub client_country: [u8; 2],
     /// Region (`client_region`, else `region`).
-    pub client_region: String,
+    pub client_region: Cow<'a, str>,
     /// City (`client_city`, else `city`).
-    pub client_city: String,
+    pub client_city: Cow<'a, str>,
     /// Latitude.
     pub client_latitude: f64,
     /// Longitude.
     pub client_longitude: f64,
     /// Node scores (JSON text).
-    pub node_scores: String,
+    pub node_scores: Cow<'a, str>,
     /// Routing metadata (JSON text).
-    pub routing_metadata: String,
+    pub routing_metadata: Cow<'a, str>,
 }
 
 /// `track_list_events`.
 #[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
-pub struct TrackListRow {
+pub struct TrackListRow<'a> {
     /// Event time.
     pub timestamp: u32,
     /// Event id.
@@ -214,11 +220,11 @@ pub struct TrackListRow {
     #[serde(with = "clickhouse::serde::uuid")]
     pub tenant_id: Uuid,
     /// Stream.
-    pub internal_name: String,
+    pub internal_name: Cow<'a, str>,
     /// Node.
-    pub node_id: String,
+    pub node_id: Cow<'a, str>,
     /// Track list (JSON text).
-    pub track_list: String,
+    pub track_list: Cow<'a, str>,
     /// Number of tracks.
     pub track_count: u16,
 }
@@ -281,18 +287,25 @@ macro_rules! table_row {
     ($($variant:ident: $row:ident = $table:literal,)*) => {
         /// One row for one of the event tables, as the router produces it.
         #[derive(Clone, Debug, PartialEq)]
-        pub enum TableRow {
+        pub enum TableRow<'a> {
             $(
                 #[doc = concat!("`", $table, "`.")]
-                $variant($row),
+                $variant($row<'a>),
             )*
         }
 
-        impl TableRow {
+        impl TableRow<'_> {
             /// The table this row belongs to.
             pub fn table(&self) -> &'static str {
                 match self {
                     $(TableRow::$variant(_) => $table,)*
+                }
+            }
+
+            /// The same row, owning its strings.
+            pub fn into_owned(self) -> TableRow<'static> {
+                match self {
+                    $(TableRow::$variant(r) => TableRow::$variant(r.into_owned()),)*
                 }
             }
         }
@@ -312,85 +325,99 @@ pub trait RowBytes {
     fn row_bytes(&self) -> usize;
 }
 
-macro_rules! row_bytes {
-    ($row:ty { $($s:ident),* } $({ $($o:ident),* })?) => {
-        impl RowBytes for $row {
-            fn row_bytes(&self) -> usize {
-                std::mem::size_of::<Self>()
-                    $(+ self.$s.capacity())*
-                    $($(+ self.$o.as_ref().map_or(0, String::capacity))*)?
+impl RowBytes for UsageRow {
+    fn row_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.cluster_id.capacity()
+            + self.usage_type.capacity()
+            + self.usage_details.capacity()
+    }
+}
+
+/// `into_owned` of a row type: its strings (`Cow`, then `Option<Cow>`) owned, its other
+/// fields moved.
+macro_rules! into_owned {
+    ($row:ident { $($f:ident),* } { $($s:ident),* } $({ $($o:ident),* })?) => {
+        impl $row<'_> {
+            /// The same row, owning its strings.
+            pub fn into_owned(self) -> $row<'static> {
+                $row {
+                    $($f: self.$f,)*
+                    $($s: Cow::Owned(self.$s.into_owned()),)*
+                    $($($o: self.$o.map(|s| Cow::Owned(s.into_owned())),)*)?
+                }
             }
         }
     };
 }
 
-row_bytes!(StreamEventRow { internal_name, event_type, status, node_id, event_data }
-    { ingest_type, protocol, target });
-row_bytes!(ConnectionEventRow {
-    internal_name,
-    user_id,
-    session_id,
-    connection_addr,
-    user_agent,
-    connector,
-    node_id,
-    city,
+into_owned!(StreamEventRow { event_id, timestamp, tenant_id, file_size, duration }
+    { internal_name, event_type, status, node_id, event_data } { ingest_type, protocol, target });
+into_owned!(ConnectionEventRow {
+    event_id, timestamp, tenant_id, country_code, latitude, longitude, session_duration,
+    bytes_transferred
+} {
+    internal_name, user_id, session_id, connection_addr, user_agent, connector, node_id, city,
     event_type
 });
-row_bytes!(StreamHealthRow {
-    internal_name,
-    node_id
+into_owned!(StreamHealthRow {
+    timestamp, tenant_id, bitrate, fps, buffer_health, packets_sent, packets_lost,
+    packets_retransmitted, bandwidth_in, bandwidth_out
+} { internal_name, node_id });
+into_owned!(ViewerMetricRow {
+    timestamp, tenant_id, viewer_count, country_code, latitude, longitude, connection_quality,
+    buffer_health
+} { internal_name, connection_type, node_id, city });
+into_owned!(NodeMetricRow {
+    timestamp, tenant_id, cpu_usage, ram_max, ram_current, up_speed, down_speed, stream_count,
+    is_healthy
+} { node_id });
+into_owned!(RoutingEventRow {
+    timestamp, tenant_id, score, client_country, client_latitude, client_longitude
+} {
+    stream_name, selected_node, status, details, client_ip, client_region, client_city,
+    node_scores, routing_metadata
 });
-row_bytes!(ViewerMetricRow {
-    internal_name,
-    connection_type,
-    node_id,
-    city
-});
-row_bytes!(NodeMetricRow { node_id });
-row_bytes!(RoutingEventRow {
-    stream_name,
-    selected_node,
-    status,
-    details,
-    client_ip,
-    client_region,
-    client_city,
-    node_scores,
-    routing_metadata
-});
-row_bytes!(UsageRow {
-    cluster_id,
-    usage_type,
-    usage_details
-});
-row_bytes!(TrackListRow {
-    internal_name,
-    node_id,
-    track_list
-});
+into_owned!(TrackListRow { timestamp, event_id, tenant_id, track_count }
+    { internal_name, node_id, track_list });
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn row_bytes_count_the_struct_and_every_string() {
-        let base = StreamEventRow::default().row_bytes();
-        assert_eq!(base, std::mem::size_of::<StreamEventRow>());
+    fn usage_row_bytes_count_the_struct_and_every_string() {
+        let base = UsageRow::default().row_bytes();
+        assert_eq!(base, std::mem::size_of::<UsageRow>());
+        let row = UsageRow {
+            usage_details: "x".repeat(1000),
+            cluster_id: "c".into(),
+            ..Default::default()
+        };
+        assert_eq!(row.row_bytes(), base + 1000 + row.cluster_id.capacity());
+    }
+
+    #[test]
+    fn into_owned_keeps_every_field() {
+        let text = String::from("live+a");
         let row = StreamEventRow {
-            event_data: "x".repeat(1000),
-            protocol: Some("srt".into()),
+            timestamp: 7,
+            internal_name: Cow::Borrowed(&text),
+            protocol: Some(Cow::Borrowed(&text[..4])),
+            file_size: Some(9),
             ..Default::default()
         };
-        assert_eq!(row.row_bytes(), base + 1003);
-        let routing = RoutingEventRow {
-            routing_metadata: "y".repeat(10),
-            ..Default::default()
-        };
+        let owned = TableRow::StreamEvent(row.clone()).into_owned();
+        drop(text);
         assert_eq!(
-            routing.row_bytes(),
-            std::mem::size_of::<RoutingEventRow>() + 10
+            owned,
+            TableRow::StreamEvent(StreamEventRow {
+                timestamp: 7,
+                internal_name: "live+a".into(),
+                protocol: Some("live".into()),
+                file_size: Some(9),
+                ..Default::default()
+            })
         );
     }
 }

@@ -9,12 +9,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clickhouse::{RowOwned, RowWrite};
+use clickhouse::{Row, RowOwned, RowWrite};
 use sluice_pipeline::{
     BatchLimits, DeadLetter, DeadLetterSink, Decode, Flow, KafkaRecord, Pipeline, RetryPolicy,
     SinkError, Sourced, Stage, WindowAggregate, WindowSpec,
 };
-use sluice_sinks::{ClickHouseSink, ClickHouseSpanLog, Encoder, Reducer, ReducerSink, SerdeRows};
+use sluice_sinks::{
+    ClickHouseSink, ClickHouseSpanLog, Encoded, Encoder, Reducer, ReducerSink, RowBinary, SerdeRows,
+};
 
 use crate::config::{Config, ConfigError, Settings};
 use crate::services;
@@ -119,6 +121,33 @@ impl<T: RowOwned + RowWrite + Default + Send + Sync> Table<T> {
             name: name.into(),
             encoder: SerdeRows::default(),
             size_of: |_| std::mem::size_of::<T>(),
+            check_range: None,
+        }
+    }
+}
+
+impl<R> Table<Encoded<R>, RowBinary<R>>
+where
+    R: Row + RowWrite + 'static,
+    R::Value<'static>: Default,
+{
+    /// `name`, with rows a [`RowEncoder`](sluice_sinks::RowEncoder) encoded as the records
+    /// were decoded, counted in the batch limits by their encoded bytes.
+    ///
+    /// ```
+    /// # #[derive(clickhouse::Row, serde::Serialize, Default)]
+    /// # struct Order<'a> { placed_at: u32, note: std::borrow::Cow<'a, str> }
+    /// use sluice_worker::Table;
+    ///
+    /// let orders = Table::<sluice_sinks::Encoded<Order<'static>>, _>::encoded("orders")
+    ///     .check_range("placed_at");
+    /// # let _ = orders;
+    /// ```
+    pub fn encoded(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            encoder: RowBinary::default(),
+            size_of: Encoded::size,
             check_range: None,
         }
     }

@@ -3,7 +3,9 @@
 //! - [`client`]: the HTTP(S) client ([`connect`], [`ClickHouseConnection`]) and how its errors
 //!   sort into retryable or not ([`classify`]);
 //! - [`encode`]: how a batch's items become an insert body ([`Encoder`]; [`SerdeRows`] by
-//!   default), the seam where a faster encoder plugs in;
+//!   default, [`RowBinary`] for rows a [`RowEncoder`] encoded from the record), the seam where
+//!   a faster encoder plugs in;
+//! - [`rowbinary`]: the RowBinary writer behind [`RowEncoder`];
 //! - [`token`]: the deduplication token of a batch ([`batch_token`]);
 //! - [`schema`]: the start-up checks of a target table ([`ClickHouseSink::check`]);
 //! - [`recovery`]: after a crash, which batches landed and the row check for the rest;
@@ -13,13 +15,15 @@
 mod client;
 mod encode;
 mod recovery;
+mod rowbinary;
 mod schema;
 mod sink;
 mod span_log;
 mod token;
 
 pub use client::{ClickHouseConnection, ConnectError, classify, connect, error_code};
-pub use encode::{Encoder, InsertRequest, SerdeRows};
+pub use encode::{Encoded, Encoder, InsertRequest, RowBinary, RowEncoder, SerdeRows};
+pub use rowbinary::EncodeError;
 pub use schema::check_table;
 pub use sink::ClickHouseSink;
 pub use span_log::{ClickHouseSpanLog, SPAN_LOG_TABLE};
