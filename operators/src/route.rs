@@ -6,8 +6,8 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 use sluice_schemas::rows::{
-    ConnectionEventRow, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow, TableRow,
-    TrackListRow, ViewerMetricRow,
+    ConnectionEventRow, DataJson, NodeMetricRow, RoutingEventRow, StreamEventRow, StreamHealthRow,
+    TableRow, TrackListRow, ViewerMetricRow,
 };
 use sluice_schemas::{Event, EventType, Field};
 use smallvec::{SmallVec, smallvec};
@@ -53,9 +53,9 @@ pub enum RouteError {
 
 /// Reads typed fields of one event, turning bad values into [`RouteError`]s. Text borrows
 /// from the event.
-struct Fields<'e>(&'e Event<'e>);
+struct Fields<'e, 'd>(&'e Event<'d>);
 
-impl<'e> Fields<'e> {
+impl<'e> Fields<'e, '_> {
     fn text(&self, key: &str) -> Cow<'e, str> {
         self.0.text(key).unwrap_or_default()
     }
@@ -163,7 +163,7 @@ pub type Routed<'e> = SmallVec<[TableRow<'e>; 2]>;
 
 /// The rows an event becomes (one, or two for `client-lifecycle`), their strings borrowed
 /// from the event.
-pub fn route<'e>(e: &'e Event<'e>) -> Result<Routed<'e>, RouteError> {
+pub fn route<'e>(e: &'e Event<'_>) -> Result<Routed<'e>, RouteError> {
     let f = Fields(e);
     let internal_name = if needs_internal_name(e.kind) {
         f.required("internal_name")?
@@ -209,7 +209,7 @@ pub fn route<'e>(e: &'e Event<'e>) -> Result<Routed<'e>, RouteError> {
                 } else {
                     None
                 },
-                event_data: Cow::Owned(e.data_json()),
+                event_data: DataJson::Data(&e.data),
             })]
         }
         EventType::UserConnection => {

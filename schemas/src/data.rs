@@ -12,6 +12,7 @@ use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use smallvec::SmallVec;
 
 /// One `data` field: a string, or any other JSON value (numbers, booleans, null, objects,
 /// arrays) as `serde_json` parses it.
@@ -57,8 +58,12 @@ impl Field<'_> {
 /// one counts, as in `serde_json::Map`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Data<'a> {
-    fields: Vec<(Cow<'a, str>, Field<'a>)>,
+    // Inline: an event's dozen fields cost no allocation of their own.
+    fields: SmallVec<[(Cow<'a, str>, Field<'a>); DATA_INLINE]>,
 }
+
+/// Fields a `data` object holds without a heap allocation.
+const DATA_INLINE: usize = 12;
 
 impl<'a> Data<'a> {
     /// The field named `key`.
@@ -75,27 +80,34 @@ impl<'a> Data<'a> {
     /// The object as JSON text, keys sorted and duplicates dropped: what `serde_json`
     /// writes for the same object parsed into a `Map`.
     pub fn to_json(&self) -> String {
-        let mut fields: Vec<&(Cow<'a, str>, Field<'a>)> = self.fields.iter().rev().collect();
+        let mut out = Vec::with_capacity(2 + self.fields.len() * 32);
+        self.write_json(&mut out);
+        String::from_utf8(out).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// Appends [`Data::to_json`]'s text to `out` (a buffer reused across events costs no
+    /// allocation).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut fields: SmallVec<[&(Cow<'a, str>, Field<'a>); DATA_INLINE]> =
+            self.fields.iter().rev().collect();
         // Reversed, a stable sort puts the last of a key's duplicates first among its
         // equals, and `dedup_by` keeps the first of each run.
         fields.sort_by(|a, b| a.0.cmp(&b.0));
         fields.dedup_by(|a, b| a.0 == b.0);
-        let mut out = Vec::with_capacity(2 + fields.len() * 32);
         out.push(b'{');
         for (i, (key, field)) in fields.into_iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             // Writing into a Vec cannot fail, and strings and parsed values always serialise.
-            let _ = serde_json::to_writer(&mut out, key.as_ref());
+            let _ = serde_json::to_writer(&mut *out, key.as_ref());
             out.push(b':');
             let _ = match field {
-                Field::Str(s) => serde_json::to_writer(&mut out, s.as_ref()),
-                Field::Json(v) => serde_json::to_writer(&mut out, v),
+                Field::Str(s) => serde_json::to_writer(&mut *out, s.as_ref()),
+                Field::Json(v) => serde_json::to_writer(&mut *out, v),
             };
         }
         out.push(b'}');
-        String::from_utf8(out).unwrap_or_else(|_| "{}".to_owned())
     }
 
     /// The same fields, owning their strings.
@@ -112,7 +124,7 @@ impl<'a> Data<'a> {
 
 impl<'de> ReadMap<'de> for Data<'de> {
     fn read_map<A: MapAccess<'de>>(mut map: A) -> Result<Data<'de>, A::Error> {
-        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+        let mut fields = SmallVec::new();
         while let Some(CowStr(key)) = map.next_key()? {
             fields.push((key, map.next_value()?));
         }

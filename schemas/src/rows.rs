@@ -8,9 +8,126 @@
 
 use std::borrow::Cow;
 
+use std::cell::RefCell;
+
 use clickhouse::Row;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
+
+use crate::Data;
+
+/// A column of an event's `data` as JSON text: written straight into the row's encoding when
+/// routed (no `String` of it in between), text when read back. Equal when the texts are.
+#[derive(Clone)]
+pub enum DataJson<'a> {
+    /// The event's `data`, written as [`Data::to_json`] writes it. (A trait object, so that a
+    /// row may borrow an event for less than the event borrows its record.)
+    Data(&'a (dyn WriteJson + Sync + 'a)),
+    /// JSON text.
+    Text(Cow<'a, str>),
+}
+
+/// Something written as JSON text into a buffer: an event's [`Data`].
+pub trait WriteJson {
+    /// Appends the JSON text to `out`.
+    fn write_json(&self, out: &mut Vec<u8>);
+}
+
+impl WriteJson for Data<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        Data::write_json(self, out)
+    }
+}
+
+impl DataJson<'_> {
+    /// The JSON text.
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            DataJson::Data(d) => {
+                let mut out = Vec::new();
+                d.write_json(&mut out);
+                Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| "{}".to_owned()))
+            }
+            DataJson::Text(t) => Cow::Borrowed(t),
+        }
+    }
+
+    /// The same text, owned.
+    pub fn into_owned(self) -> DataJson<'static> {
+        DataJson::Text(Cow::Owned(self.text().into_owned()))
+    }
+}
+
+impl std::fmt::Debug for DataJson<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.text(), f)
+    }
+}
+
+impl Default for DataJson<'_> {
+    fn default() -> Self {
+        DataJson::Text(Cow::Borrowed(""))
+    }
+}
+
+impl PartialEq for DataJson<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.text() == other.text()
+    }
+}
+
+impl PartialEq<&str> for DataJson<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self.text() == *other
+    }
+}
+
+impl<'a> From<&'a str> for DataJson<'a> {
+    fn from(text: &'a str) -> Self {
+        DataJson::Text(Cow::Borrowed(text))
+    }
+}
+
+impl From<String> for DataJson<'_> {
+    fn from(text: String) -> Self {
+        DataJson::Text(Cow::Owned(text))
+    }
+}
+
+thread_local! {
+    /// Where `data` is written before it is encoded (a string's length comes first).
+    static JSON_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Serialize for DataJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let DataJson::Data(data) = self else {
+            return serializer.serialize_str(&self.text());
+        };
+        JSON_SCRATCH.with(|scratch| {
+            let Ok(mut buf) = scratch.try_borrow_mut() else {
+                return serializer.serialize_str(&self.text());
+            };
+            buf.clear();
+            data.write_json(&mut buf);
+            let result = match std::str::from_utf8(&buf) {
+                Ok(text) => serializer.serialize_str(text),
+                Err(_) => serializer.serialize_str("{}"),
+            };
+            // One huge event does not keep its buffer for the thread's life.
+            if buf.capacity() > 1 << 16 {
+                *buf = Vec::new();
+            }
+            result
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for DataJson<'_> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(DataJson::from)
+    }
+}
 
 /// `stream_events`.
 #[derive(Clone, Debug, Default, PartialEq, Row, Serialize, Deserialize)]
@@ -42,7 +159,7 @@ pub struct StreamEventRow<'a> {
     /// `recording-lifecycle` only.
     pub duration: Option<u32>,
     /// `data` as JSON.
-    pub event_data: Cow<'a, str>,
+    pub event_data: DataJson<'a>,
 }
 
 /// `connection_events` (geo columns left at their defaults).
@@ -334,25 +451,42 @@ impl RowBytes for UsageRow {
     }
 }
 
-/// `into_owned` of a row type: its strings (`Cow`, then `Option<Cow>`) owned, its other
-/// fields moved.
+/// `into_owned` of a row type: its strings (`Cow`) owned, its other fields moved.
 macro_rules! into_owned {
-    ($row:ident { $($f:ident),* } { $($s:ident),* } $({ $($o:ident),* })?) => {
+    ($row:ident { $($f:ident),* } { $($s:ident),* }) => {
         impl $row<'_> {
             /// The same row, owning its strings.
             pub fn into_owned(self) -> $row<'static> {
                 $row {
                     $($f: self.$f,)*
                     $($s: Cow::Owned(self.$s.into_owned()),)*
-                    $($($o: self.$o.map(|s| Cow::Owned(s.into_owned())),)*)?
                 }
             }
         }
     };
 }
 
-into_owned!(StreamEventRow { event_id, timestamp, tenant_id, file_size, duration }
-    { internal_name, event_type, status, node_id, event_data } { ingest_type, protocol, target });
+impl StreamEventRow<'_> {
+    /// The same row, owning its strings.
+    pub fn into_owned(self) -> StreamEventRow<'static> {
+        let owned = |s: Cow<'_, str>| Cow::Owned(s.into_owned());
+        StreamEventRow {
+            event_id: self.event_id,
+            timestamp: self.timestamp,
+            tenant_id: self.tenant_id,
+            internal_name: owned(self.internal_name),
+            event_type: owned(self.event_type),
+            status: owned(self.status),
+            node_id: owned(self.node_id),
+            ingest_type: self.ingest_type.map(owned),
+            protocol: self.protocol.map(owned),
+            target: self.target.map(owned),
+            file_size: self.file_size,
+            duration: self.duration,
+            event_data: self.event_data.into_owned(),
+        }
+    }
+}
 into_owned!(ConnectionEventRow {
     event_id, timestamp, tenant_id, country_code, latitude, longitude, session_duration,
     bytes_transferred
