@@ -7,6 +7,7 @@
 //! `event.rs`).
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -58,12 +59,35 @@ impl Field<'_> {
 /// one counts, as in `serde_json::Map`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Data<'a> {
-    // Inline: an event's dozen fields cost no allocation of their own.
-    fields: SmallVec<[(Cow<'a, str>, Field<'a>); DATA_INLINE]>,
+    // Recycled through `SPARE_FIELDS`: decoding an event allocates no vector of its own.
+    fields: Vec<(Cow<'a, str>, Field<'a>)>,
 }
 
-/// Fields a `data` object holds without a heap allocation.
-const DATA_INLINE: usize = 12;
+/// Fields sorted for `write_json` without an allocation.
+const SORT_INLINE: usize = 16;
+
+thread_local! {
+    /// The vector of the last `Data` dropped on this thread, emptied, for the next decode.
+    static SPARE_FIELDS: Cell<Vec<(Cow<'static, str>, Field<'static>)>> =
+        const { Cell::new(Vec::new()) };
+}
+
+/// `v` emptied, as a vector of fields of another lifetime, in the same allocation (std
+/// collects a vector's own iterator in place when the layouts match, as they do here).
+fn recycle<'x, 'y>(mut v: Vec<(Cow<'x, str>, Field<'x>)>) -> Vec<(Cow<'y, str>, Field<'y>)> {
+    v.clear();
+    v.into_iter().filter_map(|_| None).collect()
+}
+
+impl Drop for Data<'_> {
+    fn drop(&mut self) {
+        let fields = std::mem::take(&mut self.fields);
+        // A vector grown by an unusually large object is freed, not kept.
+        if fields.capacity() != 0 && fields.capacity() <= 64 {
+            let _ = SPARE_FIELDS.try_with(|spare| spare.set(recycle(fields)));
+        }
+    }
+}
 
 impl<'a> Data<'a> {
     /// The field named `key`.
@@ -88,7 +112,7 @@ impl<'a> Data<'a> {
     /// Appends [`Data::to_json`]'s text to `out` (a buffer reused across events costs no
     /// allocation).
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        let mut fields: SmallVec<[&(Cow<'a, str>, Field<'a>); DATA_INLINE]> =
+        let mut fields: SmallVec<[&(Cow<'a, str>, Field<'a>); SORT_INLINE]> =
             self.fields.iter().rev().collect();
         // Reversed, a stable sort puts the last of a key's duplicates first among its
         // equals, and `dedup_by` keeps the first of each run.
@@ -111,10 +135,9 @@ impl<'a> Data<'a> {
     }
 
     /// The same fields, owning their strings.
-    pub fn into_owned(self) -> Data<'static> {
+    pub fn into_owned(mut self) -> Data<'static> {
         Data {
-            fields: self
-                .fields
+            fields: std::mem::take(&mut self.fields)
                 .into_iter()
                 .map(|(k, v)| (Cow::Owned(k.into_owned()), v.into_owned()))
                 .collect(),
@@ -124,7 +147,7 @@ impl<'a> Data<'a> {
 
 impl<'de> ReadMap<'de> for Data<'de> {
     fn read_map<A: MapAccess<'de>>(mut map: A) -> Result<Data<'de>, A::Error> {
-        let mut fields = SmallVec::new();
+        let mut fields = recycle(SPARE_FIELDS.try_with(Cell::take).unwrap_or_default());
         while let Some(CowStr(key)) = map.next_key()? {
             fields.push((key, map.next_value()?));
         }
