@@ -21,6 +21,10 @@ pub fn install_prometheus() -> Result<PrometheusHandle, metrics_exporter_prometh
             Matcher::Full(m::FLUSH_SECONDS.into()),
             m::FLUSH_SECONDS_BUCKETS,
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(m::SPAN_RECORD_SECONDS.into()),
+            m::FLUSH_SECONDS_BUCKETS,
+        )?
         .set_buckets_for_metric(Matcher::Full(m::BATCH_SIZE.into()), m::BATCH_SIZE_BUCKETS)?
         // Summaries (record ages) over the last five minutes, not the exporter's default one.
         .set_bucket_duration(std::time::Duration::from_secs(60))?

@@ -17,6 +17,9 @@ pub const SINK_WRITES_IN_FLIGHT: &str = "sluice_sink_writes_in_flight";
 pub const BATCH_SIZE: &str = "sluice_batch_size";
 /// Seconds a sink took to write a batch, retries included (label `stage`).
 pub const FLUSH_SECONDS: &str = "sluice_flush_seconds";
+/// Seconds a span-cutting stage waited for its fresh cuts to be recorded in the span log
+/// before sending them on, retries included (label `stage`).
+pub const SPAN_RECORD_SECONDS: &str = "sluice_span_record_seconds";
 /// How old the oldest record of each source range was when a sink finished writing what
 /// derives from it (record timestamp to durable write: the end-to-end latency), seconds.
 pub const RECORD_AGE_SECONDS: &str = "sluice_record_age_seconds";
@@ -37,7 +40,7 @@ pub const SOURCE_PAUSED: &str = "sluice_source_paused";
 /// Whether librdkafka reports every broker down for the source (0 or 1).
 pub const BROKERS_DOWN: &str = "sluice_brokers_down";
 
-/// Histogram buckets for [`FLUSH_SECONDS`].
+/// Histogram buckets for [`FLUSH_SECONDS`] and [`SPAN_RECORD_SECONDS`].
 pub const FLUSH_SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];

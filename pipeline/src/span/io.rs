@@ -92,6 +92,7 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
             .map(|c| c.span.clone())
             .collect();
         if !fresh.is_empty() {
+            let started = std::time::Instant::now();
             let mut attempts =
                 Attempts::new(&self.stage, "record spans", &self.retry, &self.health);
             loop {
@@ -101,6 +102,8 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
                 }
             }
             attempts.succeeded();
+            metrics::histogram!(m::SPAN_RECORD_SECONDS, "stage" => self.stage.to_string())
+                .record(started.elapsed().as_secs_f64());
         }
         let stage = self.stage.to_string();
         let replayed = cuts.len() - fresh.len();
