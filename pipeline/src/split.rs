@@ -72,10 +72,12 @@ impl<A: Send + 'static> ErasedOut for TypedOut<A> {
 
     fn send<'a>(&'a self, buf: &'a mut Box<dyn Any + Send>, acks: &'a AckSet) -> SendFuture<'a> {
         Box::pin(async move {
-            let items = std::mem::take(buf.downcast_mut::<Vec<A>>().expect("buffer type"));
-            if items.is_empty() {
+            let buf = buf.downcast_mut::<Vec<A>>().expect("buffer type");
+            if buf.is_empty() {
                 return Ok(());
             }
+            // The next batch is likely as large: one allocation for it, not a doubling series.
+            let items = std::mem::replace(buf, Vec::with_capacity(buf.len()));
             self.0.send(Batch::new(items, acks.share())).await
         })
     }

@@ -76,6 +76,15 @@ impl ClickHouseConnection {
 
     /// A client of the server, on its default database (see [`connect`]).
     pub fn client(&self) -> Result<Client, ConnectError> {
+        if !self.url.starts_with("https://") && self.ca_file.is_none() {
+            // Plain HTTP: no TLS connector (making one reads and parses the system's CA
+            // bundle, a noticeable part of a short run's CPU).
+            return Ok(plain_client()
+                .with_url(&self.url)
+                .with_user(&self.user)
+                .with_password(&self.password)
+                .with_compression(self.compression));
+        }
         let tls = match &self.ca_file {
             Some(path) => Some(tls_with_ca(path)?),
             None => None,
@@ -115,24 +124,37 @@ pub fn connect() -> Result<Client, ConnectError> {
     connect_with(None)
 }
 
-fn connect_with(tls: Option<native_tls::TlsConnector>) -> Result<Client, ConnectError> {
-    use hyper_util::client::legacy::{self, connect::HttpConnector};
-    let mut http = HttpConnector::new();
-    // As the crate's own client: TCP keepalive, short idle pool (ClickHouse closes idle
-    // connections after 3 s).
+/// The TCP connector of every client: as the crate's own, TCP keepalive; and TCP_NODELAY.
+fn http_connector() -> hyper_util::client::legacy::connect::HttpConnector {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.set_keepalive(Some(Duration::from_secs(60)));
     http.set_nodelay(true);
     http.enforce_http(false);
+    http
+}
+
+/// A short idle pool, as the crate's own client (ClickHouse closes idle connections after
+/// 3 s).
+fn pool() -> hyper_util::client::legacy::Builder {
+    let mut builder =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    builder.pool_idle_timeout(Duration::from_secs(2));
+    builder
+}
+
+/// A client over plain HTTP only.
+fn plain_client() -> Client {
+    Client::with_http_client(pool().build(http_connector()))
+}
+
+fn connect_with(tls: Option<native_tls::TlsConnector>) -> Result<Client, ConnectError> {
+    let http = http_connector();
     let tls = match tls {
         Some(tls) => tls,
         None => native_tls::TlsConnector::new().map_err(|e| ConnectError::Tls(e.to_string()))?,
     };
     let https = hyper_tls::HttpsConnector::from((http, tls.into()));
-    Ok(Client::with_http_client(
-        legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(2))
-            .build(https),
-    ))
+    Ok(Client::with_http_client(pool().build(https)))
 }
 
 /// The ClickHouse error code in a server response (`Code: 252. DB::Exception: …`).
