@@ -15,7 +15,7 @@ use sluice_schemas::rows::{
     ConnectionEventRow, NodeMetricRow, RoutingEventRow, RowBytes, StreamEventRow, StreamHealthRow,
     TrackListRow, UsageRow, ViewerMetricRow,
 };
-use sluice_sinks::{Encoded, RowBinary};
+use sluice_sinks::{Encoded, Native};
 use sluice_worker::{BoxError, ConfigError, Settings, Table, Wiring, invalid};
 use smallvec::SmallVec;
 
@@ -162,9 +162,9 @@ macro_rules! event_tables {
 sluice_schemas::with_event_tables!(event_tables);
 
 /// A FrameWorks event table: rows encoded from the record, counted by their bytes in the
-/// batch limits; a row check after a ClickHouse crash looks only at the batch's range of
+/// batch limits, inserted as Native blocks; a row check after a ClickHouse crash looks only at the batch's range of
 /// `timestamp`.
-fn table<R>(name: &str) -> Table<Encoded<R>, RowBinary<R>>
+fn table<R>(name: &str) -> Table<Encoded<R>, Native<R>>
 where
     R: clickhouse::Row + clickhouse::RowWrite + 'static,
     R::Value<'static>: Default,

@@ -9,7 +9,7 @@ use sluice_pipeline::testing::PartitionLedger;
 use sluice_pipeline::{Batch, Delivery, Sink, SourceSpan, TopicPartition};
 use sluice_schemas::rows::{StreamEventRow, TrackListRow, ViewerMetricRow};
 use sluice_schemas::{CLICKHOUSE_MIGRATIONS, EVENT_TABLES, Event, TableRow};
-use sluice_sinks::{ClickHouseSink, Encoded, RowBinary, RowEncoder};
+use sluice_sinks::{ClickHouseSink, Encoded, Native, RowBinary, RowEncoder};
 use sluice_testkit::unique;
 
 const TENANT: &str = "9b2f0a7c-4d3e-4b8a-8c1d-0e5f6a7b8c9d";
@@ -83,14 +83,14 @@ fn encoded<R: Row + RowWrite>(rows: &[R::Value<'_>]) -> Vec<Encoded<R>> {
         .collect()
 }
 
-/// The worker's sink of encoded `R` rows into `table`.
-fn sink<R>(client: &Client, table: &str) -> ClickHouseSink<Encoded<R>, RowBinary<R>>
+/// The worker's sink of encoded `R` rows into `table` (Native blocks).
+fn sink<R>(client: &Client, table: &str) -> ClickHouseSink<Encoded<R>, Native<R>>
 where
     R: Row + RowWrite + 'static,
     R::Value<'static>: Default,
     for<'r> R::Value<'r>: Send + Sync,
 {
-    ClickHouseSink::with_encoder(client.clone(), table, RowBinary::default())
+    ClickHouseSink::with_encoder(client.clone(), table, Native::default())
 }
 
 /// The rows `sql` selects, owning their strings.
@@ -127,7 +127,7 @@ fn stream_events(n: usize) -> Vec<StreamEventRow<'static>> {
 
 /// Writes `b` until the sink succeeds (a path that is coming back), at most 5 s.
 async fn write_until_ok<R>(
-    sink: &mut ClickHouseSink<Encoded<R>, RowBinary<R>>,
+    sink: &mut ClickHouseSink<Encoded<R>, Native<R>>,
     b: &Batch<Encoded<R>>,
     what: &str,
 ) where
@@ -771,4 +771,97 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
         !err.is_transient() && err.to_string().contains("sluice_landed_stream_events"),
         "{err}"
     );
+}
+
+/// The same encoded rows sent as RowBinary and as a Native block land as the same rows, every
+/// column (nulls, empty strings, fixed strings, low-cardinality text) included.
+#[tokio::test]
+async fn rowbinary_and_native_inserts_store_the_same_rows() {
+    use sluice_schemas::rows::*;
+    let client = fresh_database().await;
+    let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 0));
+    let samples = [
+        (
+            "stream-ingest",
+            r#"{"internal_name":"live+a","status":"live","node_id":"edge-1","ingest_type":"push","protocol":"srt"}"#,
+        ),
+        (
+            "recording-lifecycle",
+            r#"{"internal_name":"live+a","file_size":"1048576","duration":"60"}"#,
+        ),
+        ("stream-view", r#"{"internal_name":"live+\"q\""}"#),
+        (
+            "load-balancing",
+            r#"{"stream_name":"s","country_code":"NL","score":-7,"node_scores":{"e":1}}"#,
+        ),
+    ];
+    let events: Vec<Event> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, (k, d))| event(i, k, d))
+        .collect();
+    let mut encoders = RowEncoders::default();
+    let rows: Vec<EncodedRow> = events
+        .iter()
+        .flat_map(|e| route(e).expect("routes"))
+        .map(|r| encoders.encode(&r).expect("encodes"))
+        .collect();
+    let streams: Vec<Encoded<StreamEventRow<'static>>> = rows
+        .iter()
+        .filter_map(|r| match r {
+            EncodedRow::StreamEvent(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    let routing: Vec<Encoded<RoutingEventRow<'static>>> = rows
+        .iter()
+        .filter_map(|r| match r {
+            EncodedRow::RoutingEvent(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!((streams.len(), routing.len()), (3, 1));
+    for table in ["stream_events", "routing_events"] {
+        client
+            .query(&format!("CREATE TABLE {table}_rb AS {table}"))
+            .execute()
+            .await
+            .expect("create");
+    }
+    macro_rules! both {
+        ($first:expr, $items:expr, $row:ident, $table:literal) => {{
+            let b = batch(&ledger, $first, $items.clone());
+            sink::<$row<'static>>(&client, $table)
+                .write(&b)
+                .await
+                .expect("native insert");
+            ClickHouseSink::with_encoder(
+                client.clone(),
+                concat!($table, "_rb"),
+                RowBinary::<$row<'static>>::default(),
+            )
+            .write(&b)
+            .await
+            .expect("rowbinary insert");
+            b.ack();
+            let dump = |t: &'static str| {
+                let client = client.clone();
+                async move {
+                    let bytes = client
+                        .query(&format!("SELECT * FROM {t} ORDER BY tuple(*) FORMAT TSV"))
+                        .fetch_bytes("TSV")
+                        .expect("query")
+                        .collect()
+                        .await
+                        .expect("rows");
+                    String::from_utf8(bytes.to_vec()).expect("utf8")
+                }
+            };
+            let (native, row_binary) = (dump($table).await, dump(concat!($table, "_rb")).await);
+            assert_eq!(native.lines().count(), $items.len(), "{native}");
+            assert_eq!(native, row_binary);
+        }};
+    }
+    both!(0, streams, StreamEventRow, "stream_events");
+    both!(3, routing, RoutingEventRow, "routing_events");
 }

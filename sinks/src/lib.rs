@@ -5,8 +5,8 @@ mod reducer;
 
 pub use crate::clickhouse::{
     ClickHouseConnection, ClickHouseSink, ClickHouseSpanLog, ConnectError, EncodeError, Encoded,
-    Encoder, InsertRequest, LANDINGS_TABLE, RowBinary, RowEncoder, SPAN_LOG_TABLE, SerdeRows,
-    batch_token, check_table, classify, connect, dedup_token, error_code, landing_view,
+    Encoder, InsertRequest, LANDINGS_TABLE, Native, RowBinary, RowEncoder, SPAN_LOG_TABLE,
+    SerdeRows, batch_token, check_table, classify, connect, dedup_token, error_code, landing_view,
     landing_view_ddl,
 };
 pub use crate::reducer::{

@@ -15,7 +15,7 @@ use sluice_pipeline::{
     SinkError, Sourced, Stage, WindowAggregate, WindowSpec,
 };
 use sluice_sinks::{
-    ClickHouseSink, ClickHouseSpanLog, Encoded, Encoder, Reducer, ReducerSink, RowBinary, SerdeRows,
+    ClickHouseSink, ClickHouseSpanLog, Encoded, Encoder, Native, Reducer, ReducerSink, SerdeRows,
 };
 
 use crate::config::{Config, ConfigError, Settings};
@@ -126,13 +126,14 @@ impl<T: RowOwned + RowWrite + Default + Send + Sync> Table<T> {
     }
 }
 
-impl<R> Table<Encoded<R>, RowBinary<R>>
+impl<R> Table<Encoded<R>, Native<R>>
 where
     R: Row + RowWrite + 'static,
     R::Value<'static>: Default,
 {
     /// `name`, with rows a [`RowEncoder`](sluice_sinks::RowEncoder) encoded as the records
-    /// were decoded, counted in the batch limits by their encoded bytes.
+    /// were decoded, counted in the batch limits by their encoded bytes, and inserted as one
+    /// [`Native`] block per batch (`.encoder(RowBinary::default())` sends them as they are).
     ///
     /// ```
     /// # #[derive(clickhouse::Row, serde::Serialize, Default)]
@@ -146,7 +147,7 @@ where
     pub fn encoded(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
-            encoder: RowBinary::default(),
+            encoder: Native::default(),
             size_of: Encoded::size,
             check_range: None,
         }

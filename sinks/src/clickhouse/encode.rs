@@ -34,8 +34,13 @@ impl<'a> InsertRequest<'a> {
     }
 
     /// The table inserted into.
-    pub fn table(&self) -> &str {
+    pub fn table(&self) -> &'a str {
         self.table
+    }
+
+    /// The client the insert goes through.
+    pub(crate) fn client(&self) -> &'a Client {
+        self.client
     }
 
     /// Sends `rows` as RowBinary through the `clickhouse` crate (serde; each row's fields

@@ -5,6 +5,8 @@
 //! - [`encode`]: how a batch's items become an insert body ([`Encoder`]; [`SerdeRows`] by
 //!   default, [`RowBinary`] for rows a [`RowEncoder`] encoded from the record), the seam where
 //!   a faster encoder plugs in;
+//! - [`native`]: [`Native`], which sends those rows as one columnar block (less of
+//!   ClickHouse's CPU per row);
 //! - [`rowbinary`]: the RowBinary writer behind [`RowEncoder`];
 //! - [`token`]: the deduplication token of a batch ([`batch_token`]);
 //! - [`schema`]: the start-up checks of a target table ([`ClickHouseSink::check`]);
@@ -14,6 +16,7 @@
 
 mod client;
 mod encode;
+mod native;
 mod recovery;
 mod rowbinary;
 mod schema;
@@ -23,6 +26,7 @@ mod token;
 
 pub use client::{ClickHouseConnection, ConnectError, classify, connect, error_code};
 pub use encode::{Encoded, Encoder, InsertRequest, RowBinary, RowEncoder, SerdeRows};
+pub use native::Native;
 pub use rowbinary::EncodeError;
 pub use schema::check_table;
 pub use sink::ClickHouseSink;
