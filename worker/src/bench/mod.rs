@@ -146,6 +146,10 @@ pub struct Phase {
     pub secs: f64,
     /// User + system CPU of the process, seconds.
     pub cpu_secs: f64,
+    /// CPU of the whole machine while the phase ran (worker, broker, ClickHouse and the
+    /// rest: busy time in `/proc/stat`), seconds; 0 where unknown.
+    #[serde(default)]
+    pub machine_cpu_secs: f64,
     /// Peak resident set of the process, bytes.
     pub peak_rss: u64,
 }
@@ -164,6 +168,11 @@ impl Phase {
     /// CPU seconds per million records.
     pub fn cpu_per_million(&self) -> f64 {
         self.cpu_secs * 1e6 / self.events.max(1) as f64
+    }
+
+    /// The machine's CPU seconds per million records (all processes).
+    pub fn machine_cpu_per_million(&self) -> f64 {
+        self.machine_cpu_secs * 1e6 / self.events.max(1) as f64
     }
 }
 
@@ -262,18 +271,19 @@ impl Report {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "{:<34} {:>11} {:>8} {:>8} {:>13} {:>9}",
-            "phase", "records/s", "MB/s", "secs", "CPU s/M rec", "peak RSS"
+            "{:<34} {:>11} {:>8} {:>8} {:>13} {:>13} {:>9}",
+            "phase", "records/s", "MB/s", "secs", "CPU s/M rec", "all CPU s/M", "peak RSS"
         );
         for p in &self.phases {
             let _ = writeln!(
                 t,
-                "{:<34} {:>11.0} {:>8.1} {:>8.1} {:>13.2} {:>6.0} MB",
+                "{:<34} {:>11.0} {:>8.1} {:>8.1} {:>13.2} {:>13.2} {:>6.0} MB",
                 p.name,
                 p.rate(),
                 p.mb_per_sec(),
                 p.secs,
                 p.cpu_per_million(),
+                p.machine_cpu_per_million(),
                 p.peak_rss as f64 / 1_048_576.0
             );
         }
@@ -329,11 +339,11 @@ impl Report {
             self.settings.insert_concurrency,
             self.settings.queue_capacity,
         );
-        m.push_str("| phase | records/s | MB/s | seconds | rows | CPU s per M records | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|\n");
+        m.push_str("| phase | records/s | MB/s | seconds | rows | CPU s per M records | machine CPU s per M records | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &self.phases {
             let _ = writeln!(
                 m,
-                "| {} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.0} MB |",
+                "| {} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.0} MB |",
                 p.name,
                 p.rate(),
                 p.mb_per_sec(),
@@ -344,6 +354,7 @@ impl Report {
                     p.rows.to_string()
                 },
                 p.cpu_per_million(),
+                p.machine_cpu_per_million(),
                 p.peak_rss as f64 / 1_048_576.0
             );
         }
@@ -482,6 +493,7 @@ pub(crate) async fn run<S: Settings>(
     phases.push(Phase {
         name: "ceiling A: plain consumer".into(),
         cpu_secs: os.cpu_secs,
+        machine_cpu_secs: os.machine_cpu_secs,
         peak_rss: os.peak_rss,
         ..a.clone()
     });
@@ -536,6 +548,7 @@ pub(crate) async fn run<S: Settings>(
         name: "ceiling B: pre-encoded inserts".into(),
         events,
         cpu_secs: os.cpu_secs,
+        machine_cpu_secs: os.machine_cpu_secs,
         peak_rss: os.peak_rss,
         ..b
     });
@@ -770,6 +783,7 @@ impl Bench<'_> {
                 rows,
                 secs: os.wall_secs,
                 cpu_secs: os.cpu_secs,
+                machine_cpu_secs: os.machine_cpu_secs,
                 peak_rss: os.peak_rss,
             },
             db,
@@ -888,16 +902,44 @@ fn record_ages(metrics: &str, plan: &Plan) -> Option<Latency> {
 struct Usage {
     wall_secs: f64,
     cpu_secs: f64,
+    machine_cpu_secs: f64,
     peak_rss: u64,
+}
+
+/// Busy CPU time of the whole machine so far (`/proc/stat`: all but idle and iowait),
+/// seconds; `None` off Linux.
+fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let busy: u64 = fields
+        .iter()
+        .enumerate()
+        // user nice system (idle iowait) irq softirq steal; guest time is in user already.
+        .filter(|(i, _)| *i < 8 && *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| busy as f64 / hz as f64)
 }
 
 /// Runs `cmd` to its end with its output in `log`; fails (with the log's tail) unless it
 /// exits 0.
 async fn measure(cmd: Command, log: &Path) -> Result<Usage, Error> {
+    let busy = machine_busy_secs();
     let child = spawn_logged(cmd, log)?;
-    let usage = wait_usage(child.id()).await?;
-    check_exit(usage.1, log)?;
-    Ok(usage.0)
+    let (mut usage, status) = wait_usage(child.id()).await?;
+    check_exit(status, log)?;
+    if let (Some(before), Some(after)) = (busy, machine_busy_secs()) {
+        usage.machine_cpu_secs = after - before;
+    }
+    Ok(usage)
 }
 
 fn spawn_logged(mut cmd: Command, log: &Path) -> Result<std::process::Child, Error> {
@@ -931,6 +973,7 @@ async fn wait_usage(pid: u32) -> Result<(Usage, i32), Error> {
             Usage {
                 wall_secs: started.elapsed().as_secs_f64(),
                 cpu_secs: secs(ru.ru_utime) + secs(ru.ru_stime),
+                machine_cpu_secs: 0.0,
                 // Linux reports kilobytes.
                 peak_rss: ru.ru_maxrss as u64 * 1024,
             },
@@ -1260,6 +1303,18 @@ mod tests {
             cpu_secs: 2.0,
             ..Phase::default()
         }
+    }
+
+    #[test]
+    fn machine_cpu_counts_this_process_spinning() {
+        let before = machine_busy_secs().expect("Linux /proc/stat");
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let after = machine_busy_secs().expect("Linux /proc/stat");
+        assert!(after - before >= 0.1, "{before} → {after}");
     }
 
     #[test]
