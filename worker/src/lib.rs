@@ -78,7 +78,7 @@ pub use sluice_pipeline::{
 };
 /// The sinks (ClickHouse, PostgreSQL reducers), for what a pipeline adds of its own.
 pub use sluice_sinks as sinks;
-pub use sluice_sinks::{Reducer, TableReducer};
+pub use sluice_sinks::{Encoded, Reducer, RowEncoder, TableReducer};
 pub use wiring::{Plan, Table, TablePlan, Wiring, WiringError};
 pub use worker::{Build, NoCommands, Worker};
 
