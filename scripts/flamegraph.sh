@@ -3,7 +3,7 @@
 # on 6 partitions, drained into ClickHouse and PostgreSQL by the release binary while `perf`
 # samples that process alone (cpu-clock at 499 Hz, DWARF call graphs: release builds keep no
 # frame pointers). inferno folds and draws the samples. Writes docs/flamegraph-drain.svg (OUT
-# overrides) and drops the run's ClickHouse and PostgreSQL databases afterwards (the topic stays,
+# overrides; FOLDED=PATH keeps the folded stacks for grep and awk) and drops the run's ClickHouse and PostgreSQL databases afterwards (the topic stays,
 # like the demo's).
 #
 # Needs `perf` (Debian's linux-perf, installed here when missing) and a kernel that lets this
@@ -62,6 +62,7 @@ perf script -i "$work/perf.data" 2>/dev/null | "$TOOLS/bin/inferno-collapse-perf
   --title "sluice run --drain: $EVENTS FrameWorks events into ClickHouse + PostgreSQL ($(git rev-parse --short HEAD), $(nproc) cores)" \
   --subtitle "perf cpu-clock 499 Hz, DWARF call graphs; scripts/flamegraph.sh" \
   < "$work/folded" > "$OUT"
+if [[ -n ${FOLDED:-} ]]; then cp "$work/folded" "$FOLDED"; fi
 echo "== wrote $OUT; where the samples were (self time, top 15 functions; per thread: threads)"
 awk '{ n = $NF; $NF = ""; k = split($0, f, ";"); gsub(/ +$/, "", f[k]); self[f[k]] += n; t = f[1]; sub(/-[0-9]+$/, "", t); thread[t] += n; all += n }
      END { for (s in self) printf "%6.2f%%  %s\n", 100 * self[s] / all, s; for (t in thread) printf "%6.2f%%  threads: %s\n", 100 * thread[t] / all, t }' \
