@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/services.sh up
+# The GeoLite2 databases the GeoIP tests read (fetched once into .services/geoip).
+SLUICE_GEOIP_DATABASE=${SLUICE_GEOIP_DATABASE:-$(scripts/geoip.sh)}
+export SLUICE_GEOIP_DATABASE
 
 # Integration tests share the services; each uses its own topics, groups and tables.
 export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:9092}

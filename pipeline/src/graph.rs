@@ -79,7 +79,7 @@ impl Stage {
         self
     }
 
-    /// Retry policy of a sink stage.
+    /// Retry policy of a sink stage (or of an operator stage that retries its I/O).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
         self
@@ -94,6 +94,40 @@ impl Stage {
 impl From<&str> for Stage {
     fn from(name: &str) -> Self {
         Stage::new(name)
+    }
+}
+
+/// What an operator stage may use of the pipeline (see [`Flow::apply_async_with`]).
+#[derive(Clone, Debug)]
+pub struct StageContext {
+    name: Arc<str>,
+    health: Health,
+    retry: RetryPolicy,
+}
+
+impl StageContext {
+    /// A context outside a pipeline: for driving an operator by hand in its tests.
+    pub fn new(name: impl Into<Arc<str>>, health: Health, retry: RetryPolicy) -> Self {
+        Self {
+            name: name.into(),
+            health,
+            retry,
+        }
+    }
+
+    /// The stage name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The pipeline's readiness state: a component marked failing here is named on `/ready`.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The stage's retry policy ([`Stage::retry`]), else the pipeline's.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
     }
 }
 
@@ -529,6 +563,27 @@ impl<T: Send + 'static> Flow<T> {
         self.workers(stage, |input, out| {
             stages::run_async_operator(name.clone(), factory(), input, out)
         })
+    }
+
+    /// Adds an asynchronous operator stage whose operators see the stage's context (its name,
+    /// the pipeline's health and the stage's retry policy): for operators that do I/O and
+    /// must retry it and report it on `/ready`, such as lookups. `factory` makes one operator
+    /// per worker.
+    pub fn apply_async_with<O, F>(self, stage: impl Into<Stage>, mut factory: F) -> Flow<O::Out>
+    where
+        O: AsyncOperator<In = T>,
+        F: FnMut(&StageContext) -> O,
+    {
+        let stage = stage.into();
+        let ctx = StageContext {
+            name: stage.name.clone(),
+            health: self.graph.health.clone(),
+            retry: stage
+                .retry
+                .clone()
+                .unwrap_or_else(|| self.graph.config.retry.clone()),
+        };
+        self.apply_async(stage, move || factory(&ctx))
     }
 
     /// Maps every item.

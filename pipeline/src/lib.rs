@@ -51,6 +51,7 @@ pub use decode::{Decode, DecodePort, Decoded};
 pub use error::{BoxError, ErrorKind, PipelineError, SinkError};
 pub use graph::{
     Flow, FlushTrigger, Pipeline, PipelineConfig, PipelineHandle, Source, SourceContext, Stage,
+    StageContext,
 };
 pub use kafka::{DrainProgress, KafkaRecord, KafkaSource, KafkaSourceConfig, send_waiting};
 pub use lifecycle::{Health, Shutdown, shutdown_on_signals};
