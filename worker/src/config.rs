@@ -159,6 +159,8 @@ pub struct Config<S = NoSettings> {
     pub health: HealthConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Lookups the shell provides to enrich stages.
+    pub enrich: EnrichConfig,
     /// The pipeline's own section.
     pub settings: S,
 }
@@ -173,6 +175,7 @@ struct File {
     pipeline: PipelineSettings,
     health: HealthConfig,
     log: LogConfig,
+    enrich: EnrichConfig,
     #[serde(flatten)]
     rest: BTreeMap<String, toml::Value>,
 }
@@ -418,6 +421,38 @@ impl Default for HealthConfig {
     }
 }
 
+/// `[enrich]`: lookups the shell opens for a pipeline's enrich stages, and their caches.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// `GEOIP_DATABASE`: a MaxMind City database (`GeoLite2-City.mmdb`); unset, no GeoIP.
+    pub geoip_database: Option<PathBuf>,
+    /// Entries each enrich stage's cache keeps at most.
+    pub cache_capacity: usize,
+    /// Seconds a cached answer is used before its key is looked up again.
+    pub cache_ttl_secs: u64,
+}
+
+impl Default for EnrichConfig {
+    fn default() -> Self {
+        Self {
+            geoip_database: None,
+            cache_capacity: 100_000,
+            cache_ttl_secs: 3600,
+        }
+    }
+}
+
+impl EnrichConfig {
+    /// The cache an enrich stage gets.
+    pub fn cache(&self) -> sluice_enrich::CacheConfig {
+        sluice_enrich::CacheConfig {
+            capacity: self.cache_capacity,
+            ttl: std::time::Duration::from_secs(self.cache_ttl_secs),
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -493,6 +528,7 @@ impl<S: Settings> Config<S> {
                     "pipeline",
                     "health",
                     "log",
+                    "enrich",
                 ];
                 if !S::SECTION.is_empty() {
                     known.push(S::SECTION);
@@ -510,6 +546,7 @@ impl<S: Settings> Config<S> {
             pipeline: file.pipeline,
             health: file.health,
             log: file.log,
+            enrich: file.enrich,
             settings,
         })
     }
@@ -572,6 +609,9 @@ impl<S: Settings> Config<S> {
         }
         if let Some(v) = env("DATABASE_URL") {
             self.postgres.url = (!v.trim().is_empty()).then_some(Secret(v));
+        }
+        if let Some(v) = env("GEOIP_DATABASE") {
+            self.enrich.geoip_database = (!v.trim().is_empty()).then(|| PathBuf::from(v));
         }
         if let Some(v) = env("LOG_LEVEL") {
             self.log.level = v;
@@ -638,6 +678,21 @@ impl<S: Settings> Config<S> {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        let e = &self.enrich;
+        if e.cache_capacity == 0 {
+            return Err(invalid("enrich.cache_capacity", "must be at least 1"));
+        }
+        if e.cache_ttl_secs == 0 {
+            return Err(invalid("enrich.cache_ttl_secs", "must be at least 1"));
+        }
+        if let Some(path) = &e.geoip_database
+            && let Err(err) = sluice_enrich::MaxMind::open(path)
+        {
+            return Err(invalid(
+                "enrich.geoip_database (GEOIP_DATABASE)",
+                format!("not a readable MaxMind database: {err}"),
+            ));
         }
         if self.health.enabled && self.health.port == 0 {
             return Err(invalid("health.port (HEALTH_PORT)", "must not be 0"));
@@ -727,6 +782,21 @@ impl<S: Settings> Config<S> {
         line(
             "pipeline.drain_deadline_secs",
             p.drain_deadline_secs.to_string(),
+        );
+        line(
+            "enrich.geoip_database",
+            self.enrich
+                .geoip_database
+                .as_ref()
+                .map_or("\"\" # off".to_owned(), |p| quote(&p.display().to_string())),
+        );
+        line(
+            "enrich.cache_capacity",
+            self.enrich.cache_capacity.to_string(),
+        );
+        line(
+            "enrich.cache_ttl_secs",
+            self.enrich.cache_ttl_secs.to_string(),
         );
         line("health.enabled", self.health.enabled.to_string());
         line("health.port", self.health.port.to_string());
@@ -821,6 +891,36 @@ mod tests {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         Config::load(path, env, &identity())
+    }
+
+    #[test]
+    fn geoip_database_comes_from_the_environment_and_a_bad_one_fails_naming_the_key() {
+        let c = load(None, env_of(&[])).unwrap();
+        assert_eq!(c.enrich.geoip_database, None);
+        assert_eq!(c.enrich.cache().capacity, 100_000);
+        let missing = err_of(load(
+            None,
+            env_of(&[("GEOIP_DATABASE", "/nonexistent/GeoLite2-City.mmdb")]),
+        ));
+        assert!(
+            missing.contains("enrich.geoip_database (GEOIP_DATABASE)")
+                && missing.contains("/nonexistent/GeoLite2-City.mmdb"),
+            "{missing}"
+        );
+        let not_a_database = std::env::temp_dir().join("sluice-not-a-geoip.mmdb");
+        std::fs::write(&not_a_database, "not a database").unwrap();
+        let e = err_of(load(
+            None,
+            env_of(&[("GEOIP_DATABASE", not_a_database.to_str().unwrap())]),
+        ));
+        assert!(e.contains("enrich.geoip_database"), "{e}");
+        let file = std::env::temp_dir().join("sluice-enrich-config.toml");
+        std::fs::write(&file, "[enrich]\ncache_ttl_secs = 0\n").unwrap();
+        let e = err_of(load(Some(&file), env_of(&[])));
+        assert!(e.contains("enrich.cache_ttl_secs"), "{e}");
+        std::fs::write(&file, "[enrich]\ngeoip = \"x\"\n").unwrap();
+        let e = err_of(load(Some(&file), env_of(&[])));
+        assert!(e.contains("geoip"), "{e}");
     }
 
     #[test]

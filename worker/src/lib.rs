@@ -64,12 +64,15 @@ mod worker;
 
 pub use bench::{Record, Workload, produce};
 pub use config::{
-    ClickHouseConfig, Config, ConfigError, HealthConfig, Identity, InsertCompression, KafkaConfig,
-    LogConfig, LogFormat, NoSettings, PipelineSettings, PostgresConfig, Secret, Settings, invalid,
-    redact_url,
+    ClickHouseConfig, Config, ConfigError, EnrichConfig, HealthConfig, Identity, InsertCompression,
+    KafkaConfig, LogConfig, LogFormat, NoSettings, PipelineSettings, PostgresConfig, Secret,
+    Settings, invalid, redact_url,
 };
 pub use migrate::Migration;
 pub use services::{clickhouse_client, clickhouse_server, ensure_topic};
+/// Enrich stages and their lookups (GeoIP, PostgreSQL, static tables).
+pub use sluice_enrich as enrich;
+pub use sluice_enrich::{Enrich, EnrichFlow};
 /// The runtime (stages, operators, the Kafka source), for what a pipeline adds of its own.
 pub use sluice_pipeline as pipeline;
 pub use sluice_pipeline::BoxError;

@@ -241,6 +241,21 @@ impl<'a, S: Settings> Wiring<'a, S> {
         self.postgres.is_some()
     }
 
+    /// The GeoIP database `enrich.geoip_database` (`GEOIP_DATABASE`) names, opened; `None`
+    /// when it is unset. Give it to an [`Enrich`](sluice_enrich::Enrich) with
+    /// `config().enrich.cache()`.
+    pub fn geoip(&self) -> Result<Option<sluice_enrich::MaxMind>, WiringError> {
+        let Some(path) = &self.config.enrich.geoip_database else {
+            return Ok(None);
+        };
+        sluice_enrich::MaxMind::open(path).map(Some).map_err(|e| {
+            WiringError::Config(crate::config::invalid(
+                "enrich.geoip_database (GEOIP_DATABASE)",
+                format!("not a readable MaxMind database: {e}"),
+            ))
+        })
+    }
+
     /// The Kafka records of the configured topics, each partition in offset order (once).
     pub fn records(&mut self) -> Result<Flow<KafkaRecord>, WiringError> {
         self.records.take().ok_or(WiringError::RecordsTaken)
