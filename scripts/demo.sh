@@ -2,8 +2,10 @@
 # The main job end to end on this machine: services up, migrate, generate 1,000,000 FrameWorks
 # events, run the worker in drain mode with a live progress line, then show what landed:
 # rows per table, the busiest five-minute windows by viewer reports, the top streams of
-# stream_analytics and the usage totals.
-# EVENTS=N overrides the number of events. Stream state is reduced into a fresh PostgreSQL
+# stream_analytics, the usage totals and the viewers' top countries.
+# EVENTS=N overrides the number of events. Viewer geography is on: the GeoLite2 City database
+# (fetched once by scripts/geoip.sh) locates each connection's address (GEOIP_DATABASE
+# overrides it; GEOIP_DATABASE= turns it off). Stream state is reduced into a fresh PostgreSQL
 # database (DATABASE_URL overrides it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,6 +18,7 @@ export CLICKHOUSE_DB=${CLICKHOUSE_DB:-frameworks_demo_$RUN_ID}
 CONFIG=config/demo.toml
 
 scripts/services.sh up
+export GEOIP_DATABASE=${GEOIP_DATABASE-$(scripts/geoip.sh)}
 if [[ -z "${DATABASE_URL:-}" ]]; then
   PG_ADMIN=postgres://sluice:sluice@127.0.0.1:5432/sluice
   psql -q "$PG_ADMIN" -c "CREATE DATABASE sluice_demo_$RUN_ID"
@@ -50,3 +53,9 @@ echo "== stream_analytics: top streams by peak viewers (the same streams lead ab
 psql -q "$DATABASE_URL" -c "SELECT left(tenant_id::text, 8) AS tenant, internal_name, status, current_viewers AS viewers, peak_viewers AS peak, total_connections AS connections, round(total_bandwidth_gb, 3) AS gb, node_id, last_updated FROM stream_analytics ORDER BY peak_viewers DESC, total_connections DESC LIMIT 8"
 echo "== usage_records: totals per usage type (one-minute windows per tenant and partition)"
 q "SELECT cluster_id, usage_type, billing_month, count() AS rows, uniqExact(tenant_id) AS tenants, formatReadableQuantity(sum(usage_value)) AS total FROM usage_records GROUP BY cluster_id, usage_type, billing_month ORDER BY usage_type FORMAT PrettyCompactMonoBlock"
+echo "== viewers' top countries (connection_events located by GeoIP from connection_addr)"
+q "SELECT if(country_code = '\\0\\0', '(none)', toString(country_code)) AS country,
+   count() AS connects, uniqExact(connection_addr) AS addresses,
+   topKIf(3)(city, city != '') AS top_cities
+   FROM connection_events WHERE event_type = 'connect'
+   GROUP BY country ORDER BY connects DESC LIMIT 10 FORMAT PrettyCompactMonoBlock"
