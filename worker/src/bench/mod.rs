@@ -246,6 +246,9 @@ pub struct BenchSettings {
     pub insert_concurrency: usize,
     /// `pipeline.queue_capacity`.
     pub queue_capacity: usize,
+    /// `enrich.geoip_database` (`GEOIP_DATABASE`): the GeoIP database the worker phases
+    /// enrich with, if any.
+    pub geoip_database: Option<String>,
 }
 
 /// Where the charts go, relative to the Markdown report's directory.
@@ -320,7 +323,7 @@ impl Report {
         );
         let _ = writeln!(
             m,
-            "- date: {}\n- commit: `{}`\n- machine: {} cores, {:.1} GiB, {}; the broker (Tansu), ClickHouse and PostgreSQL run on the same machine\n- data: {} workload records on {} partitions (filled in {:.1} s)\n- settings: batch_max_rows {}, batch_linger_ms {}, insert_concurrency {}, queue_capacity {}\n",
+            "- date: {}\n- commit: `{}`\n- machine: {} cores, {:.1} GiB, {}; the broker (Tansu), ClickHouse and PostgreSQL run on the same machine\n- data: {} workload records on {} partitions (filled in {:.1} s)\n- settings: batch_max_rows {}, batch_linger_ms {}, insert_concurrency {}, queue_capacity {}, GeoIP {}\n",
             time::OffsetDateTime::from_unix_timestamp(self.unix_time as i64)
                 .ok()
                 .and_then(|t| t
@@ -338,6 +341,10 @@ impl Report {
             self.settings.batch_linger_ms,
             self.settings.insert_concurrency,
             self.settings.queue_capacity,
+            self.settings
+                .geoip_database
+                .as_deref()
+                .map_or("off".to_owned(), |p| format!("on (`{p}`)")),
         );
         m.push_str("| phase | records/s | MB/s | seconds | rows | CPU s per M records | machine CPU s per M records | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &self.phases {
@@ -608,6 +615,12 @@ pub(crate) async fn run<S: Settings>(
             batch_linger_ms: config.pipeline.batch_linger_ms,
             insert_concurrency: config.pipeline.insert_concurrency,
             queue_capacity: config.pipeline.queue_capacity,
+            geoip_database: config.enrich.geoip_database.as_ref().map(|p| {
+                p.file_name()
+                    .unwrap_or(p.as_os_str())
+                    .to_string_lossy()
+                    .into_owned()
+            }),
         },
         fill_secs,
         phases,
@@ -1331,6 +1344,7 @@ mod tests {
                 batch_linger_ms: 500,
                 insert_concurrency: 1,
                 queue_capacity: 1,
+                geoip_database: None,
             },
             fill_secs: 1.0,
             phases: vec![
