@@ -111,9 +111,12 @@ const VIEWER_NETWORKS: [[u8; 2]; 64] = [
     [197, 210],
 ];
 
-/// Viewer address number `n` (of 65,536): public, in [`VIEWER_NETWORKS`], except one in fifty,
+/// How many viewer addresses the generator draws from.
+pub const VIEWER_ADDRS: u32 = 65_536;
+
+/// Viewer address number `n` (of [`VIEWER_ADDRS`]): public, in [`VIEWER_NETWORKS`], except one in fifty,
 /// which is private (a viewer behind a proxy that does not forward its address).
-fn viewer_addr(n: u32) -> String {
+pub fn viewer_addr(n: u32) -> String {
     let host = n / 64;
     if n.is_multiple_of(50) {
         return format!("192.168.{}.{}", host % 256, 1 + host % 254);
@@ -280,7 +283,7 @@ impl Generator {
                         let on = self.nodes.iter().position(|n| n == node).unwrap_or(0);
                         self.sessions.push((t, s, session.clone(), now, on));
                         json!({"internal_name": internal_name, "node_id": node, "action": "connect", "session_id": session,
-                            "connection_addr": viewer_addr(r.random_range(0..65_536)), "user_agent": "Mozilla/5.0",
+                            "connection_addr": viewer_addr(r.random_range(0..VIEWER_ADDRS)), "user_agent": "Mozilla/5.0",
                             "connector": if r.random_bool(0.5) { "HLS" } else { "WebRTC" }, "user_id": format!("viewer-{}", r.random_range(0..5000))})
                     }
                 }
