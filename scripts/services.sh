@@ -4,7 +4,12 @@
 #   clickhouse  ClickHouse 26.9 (embedded engine of chdb-core)       127.0.0.1:8123 (HTTP), 9000 (native)
 #   postgres    PostgreSQL (Debian's cluster)                         127.0.0.1:5432
 #
-# Usage: scripts/services.sh up|down|kill|status [broker|clickhouse|postgres]
+#   cluster     four more ClickHouse processes (not started by default: about 270 MiB each)
+#               forming `sluice_cluster`, 2 shards x 2 replicas of plain MergeTree tables
+#               behind Distributed ones: node N on HTTP 820N, native 920N (N = 1..4; shard 1 is
+#               nodes 1 and 2, shard 2 nodes 3 and 4)
+#
+# Usage: scripts/services.sh up|down|kill|status [broker|clickhouse|postgres|cluster|cluster-N]
 #
 # First use installs what is missing into .services/ (git-ignored) and reuses it afterwards.
 # `up` is idempotent. `down` without a name stops only what `up` started, by PID file;
@@ -36,6 +41,8 @@ CH_HTTP_PORT=${CLICKHOUSE_HTTP_PORT:-8123} CH_TCP_PORT=${CLICKHOUSE_TCP_PORT:-90
 PG_PORT=5432
 
 SERVICES=(broker clickhouse postgres)
+CLUSTER_NAME=sluice_cluster
+CLUSTER_NODES=(1 2 3 4)
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -160,6 +167,56 @@ EOF
   wait_ready clickhouse "$pidf" "$logf" clickhouse_ping
 }
 
+# ---------------------------------------------------------------- ClickHouse cluster (4 nodes)
+# Each node is the embedded server on its own ports, data and PID file. Replicated tables and
+# ON CLUSTER DDL need an interserver listener and a DDL worker this build does not have, so the
+# cluster is plain MergeTree tables on every node behind Distributed tables: each shard lists
+# both its replicas with internal_replication false, so a Distributed insert writes both; DDL
+# is run on every node.
+cluster_http_port() { echo $((8200 + $1)); }
+cluster_tcp_port() { echo $((9200 + $1)); }
+cluster_data() { # node
+  if [ -n "${CLICKHOUSE_DATA_DIR:-}" ]; then echo "$CLICKHOUSE_DATA_DIR-cluster-$1"
+  elif [ -d /dev/shm ] && [ -w /dev/shm ]; then echo "/dev/shm/sluice-cluster-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)-$1"
+  else echo "$SVC/cluster/node$1/data"; fi
+}
+cluster_ping() { curl -sf --max-time 1 "http://127.0.0.1:$(cluster_http_port "$1")/ping" >/dev/null; }
+
+start_cluster_node() { # node: starts it (without waiting); returns at once if it runs
+  local n=$1 pidf=$RUN/cluster-$1.pid logf=$LOGS/cluster-$1.log dir=$SVC/cluster/node$1
+  if pid_alive "$pidf"; then log "services: cluster-$n: already running (pid $(cat "$pidf"))"; return; fi
+  port_open 127.0.0.1 "$(cluster_http_port "$n")" && fail "cluster-$n" "port $(cluster_http_port "$n") is taken by a process this script did not start"
+  mkdir -p "$dir" "$(cluster_data "$n")"
+  {
+    echo "<clickhouse>"
+    echo "  <listen_host>127.0.0.1</listen_host>"
+    echo "  <http_port>$(cluster_http_port "$n")</http_port>"
+    echo "  <tcp_port>$(cluster_tcp_port "$n")</tcp_port>"
+    echo "  <background_distributed_schedule_pool_size>2</background_distributed_schedule_pool_size>"
+    echo "  <remote_servers><$CLUSTER_NAME>"
+    for shard in "1 2" "3 4"; do
+      echo "    <shard><internal_replication>false</internal_replication>"
+      for r in $shard; do
+        echo "      <replica><host>127.0.0.1</host><port>$(cluster_tcp_port "$r")</port></replica>"
+      done
+      echo "    </shard>"
+    done
+    echo "  </$CLUSTER_NAME></remote_servers>"
+    echo "  <macros><shard>$(( (n + 1) / 2 ))</shard><replica>node$n</replica></macros>"
+    echo "</clickhouse>"
+  } >"$dir/config.xml"
+  : >"$logf"
+  setsid nohup "$PYTHON" "$ROOT/scripts/clickhouse_server.py" "$CHDB_SITE" "$dir" "$(cluster_data "$n")" \
+    >>"$logf" 2>&1 </dev/null &
+  echo $! >"$pidf"
+}
+
+up_cluster_nodes() { # nodes...
+  install_clickhouse
+  for n in "$@"; do start_cluster_node "$n"; done
+  for n in "$@"; do wait_ready "cluster-$n" "$RUN/cluster-$n.pid" "$LOGS/cluster-$n.log" cluster_ping "$n"; done
+}
+
 # ---------------------------------------------------------------- PostgreSQL (Debian cluster)
 pg_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n1; }
 pg_log() { echo "/var/log/postgresql/postgresql-$(pg_version)-main.log"; }
@@ -275,6 +332,7 @@ kill_one() { # service: crash it, as an outage would
 where() {
   case $1 in
   broker) echo "kafka://$BROKER_HOST:$BROKER_PORT  log $LOGS/broker.log" ;;
+  cluster-*) local n=${1#cluster-}; echo "http://127.0.0.1:$(cluster_http_port "$n") (native 127.0.0.1:$(cluster_tcp_port "$n"), $CLUSTER_NAME shard $(( (n + 1) / 2 )))  log $LOGS/$1.log  data $(cluster_data "$n")" ;;
   clickhouse) echo "http://127.0.0.1:$CH_HTTP_PORT (native 127.0.0.1:$CH_TCP_PORT)  log $LOGS/clickhouse.log  data $CH_DATA" ;;
   postgres) echo "postgres://sluice:sluice@127.0.0.1:$PG_PORT/sluice  log $(pg_log)" ;;
   esac
@@ -295,7 +353,7 @@ status_one() {
 }
 
 usage() {
-  echo "usage: $0 up|down|kill|status [broker|clickhouse|postgres]" >&2
+  echo "usage: $0 up|down|kill|status [broker|clickhouse|postgres|cluster|cluster-N]" >&2
   exit 2
 }
 
@@ -304,12 +362,20 @@ main() {
   [ $# -le 2 ] || usage
   local targets=("${SERVICES[@]}")
   if [ -n "${2:-}" ]; then
-    case $2 in broker | clickhouse | postgres) targets=("$2") ;; *) usage ;; esac
+    case $2 in
+    broker | clickhouse | postgres | cluster-[1-4]) targets=("$2") ;;
+    cluster) targets=(cluster-1 cluster-2 cluster-3 cluster-4) ;;
+    *) usage ;;
+    esac
   fi
   mkdir -p "$RUN" "$LOGS"
   case $cmd in
   up)
-    for s in "${targets[@]}"; do "up_$s"; done
+    local nodes=()
+    for s in "${targets[@]}"; do
+      case $s in cluster-*) nodes+=("${s#cluster-}") ;; *) "up_$s" ;; esac
+    done
+    [ ${#nodes[@]} -eq 0 ] || up_cluster_nodes "${nodes[@]}"
     for s in "${targets[@]}"; do printf '%-10s ready  %s\n' "$s" "$(where "$s")"; done
     ;;
   down)

@@ -6,6 +6,16 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/services.sh up
+# The four-node ClickHouse cluster (about 1.1 GiB) for the cluster tests, when the machine has
+# the memory (SLUICE_CLUSTER=off skips it).
+avail_kib=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
+if [ "${SLUICE_CLUSTER:-auto}" != off ] && [ "${avail_kib:-0}" -ge $((4 * 1024 * 1024)) ]; then
+  scripts/services.sh up cluster
+  export SLUICE_CLUSTER=up
+else
+  echo "test.sh: ClickHouse cluster not started (SLUICE_CLUSTER=${SLUICE_CLUSTER:-auto}, $((${avail_kib:-0} / 1024)) MiB available, 4096 needed): the cluster tests are skipped"
+  export SLUICE_CLUSTER=off
+fi
 # The GeoLite2 databases the GeoIP tests read (fetched once into .services/geoip).
 SLUICE_GEOIP_DATABASE=${SLUICE_GEOIP_DATABASE:-$(scripts/geoip.sh)}
 export SLUICE_GEOIP_DATABASE

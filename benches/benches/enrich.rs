@@ -27,7 +27,11 @@ struct Viewer {
 
 fn database() -> String {
     std::env::var("SLUICE_GEOIP_DATABASE").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../.services/geoip/GeoLite2-City.mmdb").to_owned()
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../.services/geoip/GeoLite2-City.mmdb"
+        )
+        .to_owned()
     })
 }
 
