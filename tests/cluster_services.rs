@@ -10,6 +10,8 @@
 
 use std::process::Command;
 
+use sluice_testkit::services;
+
 const NODES: [u16; 4] = [8201, 8202, 8203, 8204];
 
 fn cluster_up() -> bool {
@@ -20,20 +22,6 @@ fn cluster_up() -> bool {
         );
     }
     up
-}
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("services.sh");
-    assert!(
-        out.status.success(),
-        "services.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Starts every node again even when the test fails half-way.

@@ -10,7 +10,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,26 +18,12 @@ use std::time::{Duration, Instant};
 use common::analytics::Setup;
 use common::{as_refs, command, sigterm, total_rows};
 use sluice_testkit::net::{PrivateBroker, TcpProxy};
-use sluice_testkit::{rss_of, try_http_get, unique};
+use sluice_testkit::{rss_of, services, try_http_get, unique};
 
 const EVENTS: usize = 500_000;
 const RATE: u64 = 3_000;
 /// The bound the README documents for default settings.
 const RSS_BOUND: u64 = 256 << 20;
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("services.sh");
-    assert!(
-        out.status.success(),
-        "services.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Starts ClickHouse and PostgreSQL again even when the test fails half-way.
 struct Restart;

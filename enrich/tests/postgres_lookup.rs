@@ -11,26 +11,12 @@ use sluice_pipeline::{
     Batch, Output, Pipeline, PipelineConfig, PipelineError, RetryPolicy, Source, SourceContext,
     Stage,
 };
-use sluice_testkit::{CollectSink, create_pg_database, drop_pg_database, wait_until};
+use sluice_testkit::{CollectSink, create_pg_database, drop_pg_database, services, wait_until};
 use sqlx::Row;
 use sqlx::postgres::PgPoolOptions;
 
 const BATCHES: u64 = 80;
 const PER_BATCH: u64 = 50;
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("services.sh");
-    assert!(
-        out.status.success(),
-        "services.sh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Starts PostgreSQL again even when the test fails half-way.
 struct Restart;

@@ -270,6 +270,22 @@ impl<T: Clone + Send + Sync + 'static> Sink for CollectSink<T> {
     }
 }
 
+/// Runs `scripts/services.sh ARGS` (e.g. `["kill", "postgres"]`, `["up", "cluster-2"]`) and
+/// panics with its error output if it fails.
+pub fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run scripts/services.sh");
+    assert!(
+        out.status.success(),
+        "services.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Waits until `cond` holds, polling every 20 ms; panics with `what` after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
