@@ -3,7 +3,6 @@
 //! naming it, and every item ends up with exactly the value its key has in the table. Its own
 //! test binary: it stops the shared PostgreSQL, so no other test may run meanwhile.
 
-use std::process::Command;
 use std::time::Duration;
 
 use sluice_enrich::{CacheConfig, Enrich, EnrichFlow, PgLookup};
