@@ -341,7 +341,8 @@ pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16
 }
 
 /// One round of a crash test: starts `worker` (its stderr into a new log file), waits until
-/// `written` reports more than it did before (the worker writes), waits a pseudo-random pause
+/// its log shows it owns partitions and then until `written` reports more than it did at that
+/// moment (the worker writes), waits a pseudo-random pause
 /// of up to `max_pause` (from `seed`, advanced), then SIGKILLs it and asserts from its log that
 /// it owned partitions when killed (a worker killed before its group join tests nothing).
 /// Returns the log's path.
@@ -356,7 +357,6 @@ where
     W: FnMut() -> F,
     F: std::future::Future<Output = u64>,
 {
-    let before = written().await;
     let log = std::env::temp_dir().join(format!("{}.log", unique("kill_round")));
     let mut child = worker
         .stdout(std::process::Stdio::null())
@@ -364,6 +364,16 @@ where
         .spawn()
         .expect("worker");
     let deadline = Instant::now() + Duration::from_secs(60);
+    // Count writes only from the moment this worker owns partitions: an insert the previous
+    // (killed) worker had sent may still land after its death, and must not pass for this one's.
+    while !owned_partitions(&std::fs::read_to_string(&log).unwrap_or_default()) {
+        assert!(
+            Instant::now() < deadline,
+            "round {round}: the worker is given partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = written().await;
     while written().await == before {
         assert!(
             Instant::now() < deadline,
