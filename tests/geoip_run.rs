@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::analytics::Setup;
-use common::{as_refs, command, total_rows};
+use common::{as_refs, assert_each_kill_replayed, command, total_rows};
 use sluice_testkit::kill_while_writing;
 use sluice_worker::enrich::MaxMind;
 
@@ -63,19 +63,7 @@ async fn geoip_on_three_sigkills_leave_exact_tables_with_every_viewer_located() 
         .expect("drain");
     let drain_log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "drain: {drain_log}");
-    // Each killed worker had cut (and written) batches past the committed offset: the worker
-    // after it found their spans and cut the redelivered records along them.
-    let mut after: Vec<String> = logs[1..]
-        .iter()
-        .map(|l| std::fs::read_to_string(l).expect("log"))
-        .collect();
-    after.push(drain_log);
-    for (round, text) in after.iter().enumerate() {
-        assert!(
-            text.contains("cutting redelivered records along recorded spans"),
-            "round {round}: the killed worker left uncommitted batches; the next one replays them"
-        );
-    }
+    assert_each_kill_replayed(&logs, drain_log);
     s.assert_exact().await;
     let tables = s.compare_with_clean_run().await;
     assert_eq!(

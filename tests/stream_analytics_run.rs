@@ -11,7 +11,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::analytics::Setup;
-use common::{as_refs, command, config_path, five_minute_digest, sigterm, total_rows};
+use common::{
+    as_refs, assert_each_kill_replayed, command, config_path, five_minute_digest, sigterm,
+    total_rows,
+};
 use sluice_testkit::kill_while_writing;
 
 #[tokio::test]
@@ -70,19 +73,7 @@ async fn ten_sigkills_with_republished_records_leave_every_table_exact() {
         .expect("drain");
     let drain_log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "drain: {drain_log}");
-    // Each killed worker had cut (and written) batches past the committed offset: the worker
-    // after it found their spans and cut the redelivered records along them.
-    let mut after = logs[1..]
-        .iter()
-        .map(|l| std::fs::read_to_string(l).expect("log"))
-        .collect::<Vec<_>>();
-    after.push(drain_log);
-    for (round, text) in after.iter().enumerate() {
-        assert!(
-            text.contains("cutting redelivered records along recorded spans"),
-            "round {round}: the killed worker left uncommitted batches; the next one replays them"
-        );
-    }
+    assert_each_kill_replayed(&logs, drain_log);
     s.assert_exact().await;
     let tables = s.compare_with_clean_run().await;
     assert_eq!(

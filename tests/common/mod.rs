@@ -30,6 +30,23 @@ pub fn command(config: &Path, env: &[(&str, &str)], args: &[&str], log: &str) ->
     cmd
 }
 
+/// Asserts that each killed worker (rounds 1.. of `logs`, then `drain_log`, the run after the
+/// last kill) found batches the one before it had cut and written past the committed offset,
+/// and cut the redelivered records along their recorded spans.
+pub fn assert_each_kill_replayed(logs: &[std::path::PathBuf], drain_log: String) {
+    let mut after: Vec<String> = logs[1..]
+        .iter()
+        .map(|l| std::fs::read_to_string(l).expect("log"))
+        .collect();
+    after.push(drain_log);
+    for (round, text) in after.iter().enumerate() {
+        assert!(
+            text.contains("cutting redelivered records along recorded spans"),
+            "round {round}: the killed worker left uncommitted batches; the next one replays them"
+        );
+    }
+}
+
 /// A `sluice run` worker in the background, its output discarded.
 pub fn spawn_worker(config: &Path, env: &[(&str, &str)]) -> Child {
     command(config, env, &["run"], "warn")
