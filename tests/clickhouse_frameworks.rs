@@ -37,6 +37,7 @@ async fn fresh_database() -> Client {
         migrations: CLICKHOUSE_MIGRATIONS,
         tables: &tables,
         cluster: None,
+        layout: sluice_sinks::Layout::Replicated,
     }
     .apply(&config)
     .await

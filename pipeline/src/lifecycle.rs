@@ -1,7 +1,7 @@
 //! Shutdown and readiness: the signals a running pipeline shares between its stages, the HTTP
 //! endpoints and the process.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -94,7 +94,8 @@ pub struct Health {
 struct HealthInner {
     assigned: AtomicBool,
     stopping: AtomicBool,
-    failing: Mutex<BTreeSet<String>>,
+    /// Failing components and, where known, why (the last error).
+    failing: Mutex<BTreeMap<String, Option<String>>>,
 }
 
 impl Health {
@@ -115,13 +116,26 @@ impl Health {
 
     /// Marks a component (a sink, a connection) as failing or recovered.
     pub fn set_failing(&self, component: &str, failing: bool) {
-        let mut set = self.inner.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.inner.failing.lock().unwrap_or_else(|p| p.into_inner());
         if failing {
-            if !set.contains(component) {
-                set.insert(component.to_owned());
+            if !map.contains_key(component) {
+                map.insert(component.to_owned(), None);
             }
         } else {
-            set.remove(component);
+            map.remove(component);
+        }
+    }
+
+    /// Marks a component as failing with `error`, which `/ready` shows beside its name (an
+    /// operator sees which server refuses, not only which stage waits).
+    pub fn set_failing_with(&self, component: &str, error: &dyn std::fmt::Display) {
+        let mut map = self.inner.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let text = error.to_string();
+        match map.get_mut(component) {
+            Some(cause) => *cause = Some(text),
+            None => {
+                map.insert(component.to_owned(), Some(text));
+            }
         }
     }
 
@@ -140,7 +154,10 @@ impl Health {
             reasons.push("shutting down".to_owned());
         }
         let failing = self.inner.failing.lock().unwrap_or_else(|p| p.into_inner());
-        reasons.extend(failing.iter().map(|c| format!("{c} failing")));
+        reasons.extend(failing.iter().map(|(c, cause)| match cause {
+            Some(cause) => format!("{c} failing: {cause}"),
+            None => format!("{c} failing"),
+        }));
         reasons
     }
 }

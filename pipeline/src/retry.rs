@@ -84,7 +84,7 @@ impl<'a> Attempts<'a> {
         }
         metrics::counter!(crate::metrics::STAGE_ERRORS, "stage" => self.stage.to_string())
             .increment(1);
-        self.health.set_failing(self.stage, true);
+        self.health.set_failing_with(self.stage, &err);
         let wait = self.policy.backoff(self.retries);
         tracing::warn!(stage = %self.stage, op = self.what, retry = self.retries + 1, wait_ms = wait.as_millis() as u64, error = %err, "failed; retrying");
         tokio::time::sleep(wait).await;

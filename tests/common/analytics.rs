@@ -218,7 +218,20 @@ pub struct Setup {
     pub pg_url: String,
     pub env: Vec<(String, String)>,
     pub config: std::path::PathBuf,
+    /// The HTTP URL the tables are read through (a cluster node, or the single server).
+    pub clickhouse_url: String,
+    /// On the cluster: the native address of that node (for `remote()` from the single
+    /// server).
+    pub remote: Option<String>,
 }
+
+/// The environment variables that put a worker on the cluster (dropped for a clean run).
+const CLUSTER_KEYS: [&str; 4] = [
+    "CLICKHOUSE_HOST",
+    "CLICKHOUSE_CLUSTER",
+    "CLICKHOUSE_LAYOUT",
+    "CLICKHOUSE_NODES",
+];
 
 impl Setup {
     /// Generates the events first, or at `rate` per second in the background (`rate` > 0:
@@ -243,6 +256,38 @@ impl Setup {
         rate: u64,
         permille: u32,
     ) -> (Setup, Option<std::process::Child>) {
+        Self::build(
+            events, partitions, session_ms, pipeline, rate, permille, false,
+        )
+        .await
+    }
+
+    /// As [`Setup::republishing`], the ClickHouse tables on the four-node cluster of
+    /// `scripts/services.sh up cluster` in the sharded layout, written and read through
+    /// node 1.
+    pub async fn on_cluster(
+        events: usize,
+        partitions: i32,
+        session_ms: u32,
+        pipeline: &str,
+        rate: u64,
+        permille: u32,
+    ) -> (Setup, Option<std::process::Child>) {
+        Self::build(
+            events, partitions, session_ms, pipeline, rate, permille, true,
+        )
+        .await
+    }
+
+    async fn build(
+        events: usize,
+        partitions: i32,
+        session_ms: u32,
+        pipeline: &str,
+        rate: u64,
+        permille: u32,
+        cluster: bool,
+    ) -> (Setup, Option<std::process::Child>) {
         let topic = unique("sa_run");
         create_topic(&topic, partitions).await;
         let pg_url = create_pg_database("sluice_sa").await;
@@ -253,6 +298,24 @@ impl Setup {
             ("CLICKHOUSE_DB".to_owned(), unique("sa_db")),
             ("DATABASE_URL".to_owned(), pg_url.clone()),
         ];
+        let mut env = env;
+        let (clickhouse_url, remote) = if cluster {
+            let nodes = super::CLUSTER_NODES.map(|(http, _)| format!("http://127.0.0.1:{http}"));
+            for (k, v) in CLUSTER_KEYS.iter().zip([
+                nodes[0].clone(),
+                super::CLUSTER.to_owned(),
+                "sharded".to_owned(),
+                nodes.join(","),
+            ]) {
+                env.push(((*k).to_owned(), v));
+            }
+            (
+                nodes[0].clone(),
+                Some(format!("127.0.0.1:{}", super::CLUSTER_NODES[0].1)),
+            )
+        } else {
+            (super::clickhouse_url(), None)
+        };
         let config = config_path("sluice_sa");
         // Live runs end with their last usage windows open: close them after 5 s of quiet
         // rather than the default 150 s, so the tail is committed soon.
@@ -301,6 +364,8 @@ impl Setup {
             pg_url,
             env,
             config,
+            clickhouse_url,
+            remote,
         };
         (setup, producer)
     }
@@ -314,6 +379,16 @@ impl Setup {
         &self.env[2].1
     }
 
+    /// A client of this run's ClickHouse database (through a cluster node when on one).
+    pub fn clickhouse(&self) -> clickhouse::Client {
+        super::clickhouse_at(&self.clickhouse_url, self.db())
+    }
+
+    /// Rows in all this run's tables.
+    pub async fn rows(&self) -> u64 {
+        super::total_rows_at(&self.clickhouse_url, self.db()).await
+    }
+
     pub async fn assert_exact(&self) {
         let (want, want_usage) = reference(&self.topic, self.partitions, self.events);
         let got = stored(&self.pg_url).await;
@@ -321,7 +396,8 @@ impl Setup {
         for (k, w) in &want {
             assert_eq!(got.get(k), Some(w), "stream {k:?}");
         }
-        let usage: Vec<(String, String, f64)> = super::clickhouse(self.db())
+        let usage: Vec<(String, String, f64)> = self
+            .clickhouse()
             .query(
                 "SELECT toString(tenant_id), usage_type, sum(usage_value) FROM usage_records \
                  GROUP BY 1, 2 ORDER BY 1, 2",
@@ -331,7 +407,8 @@ impl Setup {
             .expect("usage");
         let got_usage: Usage = usage.into_iter().map(|(t, u, v)| ((t, u), v)).collect();
         assert_eq!(got_usage, want_usage, "usage_records sums");
-        let odd: u64 = super::clickhouse(self.db())
+        let odd: u64 = self
+            .clickhouse()
             .query(
                 "SELECT count() FROM usage_records WHERE billing_month != toStartOfMonth(timestamp) \
                  OR cluster_id != 'default' OR toSecond(timestamp) != 0",
@@ -372,7 +449,13 @@ impl Setup {
     /// clean run took and both runs' (table, rows, digest).
     pub async fn compare_with_clean_run(&self) -> super::TableComparison {
         let reference_pg = create_pg_database("sluice_ref").await;
-        let mut env = self.env.clone();
+        // The clean run is on the single server.
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| !CLUSTER_KEYS.contains(&k.as_str()))
+            .cloned()
+            .collect();
         env[1].1 = unique("ref_group");
         env[2].1 = unique("ref_db");
         env[3].1 = reference_pg.clone();
@@ -386,12 +469,14 @@ impl Setup {
             &sluice(&self.config, &as_refs(&env), &["run", "--drain"]),
         );
         let clean_run = t.elapsed();
-        let got = super::table_digests(self.db()).await;
+        let got = super::table_digests_at(&self.clickhouse_url, self.db()).await;
         let want = super::table_digests(&env[2].1).await;
         for ((table, _, a), (_, _, b)) in got.iter().zip(&want) {
             if a != b {
                 eprintln!("{table}: rows counted differently (here, in the clean run):");
-                for (n, m, row) in super::table_diff(self.db(), &env[2].1, table).await {
+                for (n, m, row) in
+                    super::table_diff(self.db(), &env[2].1, table, self.remote.as_deref()).await
+                {
                     eprintln!("  {n} {m} {row}");
                 }
             }
@@ -407,6 +492,14 @@ impl Setup {
 
     pub async fn finish(self) {
         drop_pg_database(&self.pg_url).await;
+        if self.remote.is_some() {
+            for (http, _) in super::CLUSTER_NODES {
+                let _ = super::clickhouse_at(&format!("http://127.0.0.1:{http}"), "default")
+                    .query(&format!("DROP DATABASE IF EXISTS `{}` SYNC", self.db()))
+                    .execute()
+                    .await;
+            }
+        }
         let _ = std::fs::remove_file(&self.config);
     }
 }

@@ -88,18 +88,49 @@ pub fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-/// A ClickHouse client on `db`.
+/// The cluster of `scripts/services.sh up cluster`: 2 shards x 2 replicas.
+pub const CLUSTER: &str = "sluice_cluster";
+
+/// Its nodes' (HTTP, native) ports, shard 1 replicas 1-2 then shard 2 replicas 1-2.
+pub const CLUSTER_NODES: [(u16, u16); 4] = [(8201, 9201), (8202, 9202), (8203, 9203), (8204, 9204)];
+
+/// Whether the cluster is up (`SLUICE_CLUSTER=up`); says that the test is skipped otherwise.
+pub fn cluster_up() -> bool {
+    let up = std::env::var("SLUICE_CLUSTER").is_ok_and(|v| v == "up");
+    if !up {
+        eprintln!(
+            "skipped: the ClickHouse cluster is not up (scripts/services.sh up cluster; SLUICE_CLUSTER=up)"
+        );
+    }
+    up
+}
+
+/// The single ClickHouse server's HTTP URL.
+pub fn clickhouse_url() -> String {
+    std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+/// A ClickHouse client on `db` of the single server.
 pub fn clickhouse(db: &str) -> clickhouse::Client {
+    clickhouse_at(&clickhouse_url(), db)
+}
+
+/// A ClickHouse client on `db` of the server at `url`.
+pub fn clickhouse_at(url: &str, db: &str) -> clickhouse::Client {
     clickhouse::Client::default()
-        .with_url(
-            std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        )
+        .with_url(url)
         .with_database(db)
 }
 
 /// Every table's row count and a hash of all its rows, order-independent.
 pub async fn table_digests(db: &str) -> Vec<(String, u64, u64)> {
-    let client = clickhouse(db);
+    table_digests_at(&clickhouse_url(), db).await
+}
+
+/// [`table_digests`] of `db` on the server at `url` (a cluster node: read through the
+/// Distributed tables).
+pub async fn table_digests_at(url: &str, db: &str) -> Vec<(String, u64, u64)> {
+    let client = clickhouse_at(url, db);
     let mut out = Vec::new();
     for table in TABLES {
         let (n, digest): (u64, u64) = client
@@ -115,20 +146,31 @@ pub async fn table_digests(db: &str) -> Vec<(String, u64, u64)> {
 }
 
 /// The rows of `table` whose count differs between databases `a` and `b` (at most 40), as
-/// (count in a, count in b, the row as TSV): what a failed digest comparison shows.
-pub async fn table_diff(a: &str, b: &str, table: &str) -> Vec<(u64, u64, String)> {
-    let side = |db: &str| {
+/// (count in a, count in b, the row as TSV): what a failed digest comparison shows. `a_at`:
+/// the native address of the server holding `a` when it is not the single server.
+pub async fn table_diff(
+    a: &str,
+    b: &str,
+    table: &str,
+    a_at: Option<&str>,
+) -> Vec<(u64, u64, String)> {
+    let side = |from: String| {
         format!(
             "SELECT cityHash64(formatRow('TSV', *)) AS h, count() AS n, any(formatRow('TSV', *)) AS r \
-             FROM {db}.{table} GROUP BY h"
+             FROM {from} GROUP BY h"
         )
     };
+    let (a, b) = (
+        match a_at {
+            Some(at) => side(format!("remote('{at}', '{a}', '{table}')")),
+            None => side(format!("{a}.{table}")),
+        },
+        side(format!("{b}.{table}")),
+    );
     clickhouse("default")
         .query(&format!(
-            "SELECT x.n, y.n, if(x.r != '', x.r, y.r) FROM ({}) AS x FULL OUTER JOIN ({}) AS y \
-             USING h WHERE x.n != y.n ORDER BY 3 LIMIT 40",
-            side(a),
-            side(b)
+            "SELECT x.n, y.n, if(x.r != '', x.r, y.r) FROM ({a}) AS x FULL OUTER JOIN ({b}) AS y \
+             USING h WHERE x.n != y.n ORDER BY 3 LIMIT 40"
         ))
         .fetch_all()
         .await
@@ -151,7 +193,12 @@ pub struct TableComparison {
 /// `viewer_metrics_5m` of `db`: rows, and a hash of every row with its averages rounded
 /// (merged in another order, a float average can differ in its last bits).
 pub async fn five_minute_digest(db: &str) -> (u64, u64) {
-    clickhouse(db)
+    five_minute_digest_at(&clickhouse_url(), db).await
+}
+
+/// [`five_minute_digest`] of `db` on the server at `url`.
+pub async fn five_minute_digest_at(url: &str, db: &str) -> (u64, u64) {
+    clickhouse_at(url, db)
         .query(
             "SELECT count(), sum(cityHash64(timestamp_5m, tenant_id, internal_name, node_id, \
              peak_viewers, round(avg_viewers, 3), unique_countries, unique_cities, \
@@ -164,7 +211,16 @@ pub async fn five_minute_digest(db: &str) -> (u64, u64) {
 
 /// Rows in all tables.
 pub async fn total_rows(db: &str) -> u64 {
-    table_digests(db).await.iter().map(|(_, n, _)| n).sum()
+    total_rows_at(&clickhouse_url(), db).await
+}
+
+/// [`total_rows`] of `db` on the server at `url`.
+pub async fn total_rows_at(url: &str, db: &str) -> u64 {
+    table_digests_at(url, db)
+        .await
+        .iter()
+        .map(|(_, n, _)| n)
+        .sum()
 }
 
 /// Asks process `pid` to stop gracefully (SIGTERM).

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sluice_sinks::Layout;
 
 /// A configuration error, naming the key (or environment variable) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +282,16 @@ pub struct ClickHouseConfig {
     /// Compression of insert bodies: `lz4` (default) or `none` (a ClickHouse on the same
     /// host or a fast link, where lz4 costs both sides CPU and saves no time).
     pub compression: InsertCompression,
+    /// `CLICKHOUSE_CLUSTER`: a cluster of the servers' `remote_servers`. Set, the tables are
+    /// `Distributed` tables on it (`migrate` makes them so) and inserts wait for every shard.
+    pub cluster: Option<String>,
+    /// `CLICKHOUSE_LAYOUT`: `replicated` (the default: `Replicated…MergeTree` tables, DDL
+    /// `ON CLUSTER`) or `sharded` (plain `…MergeTree` tables that the `Distributed` tables
+    /// write replica by replica, DDL run on each of `nodes`).
+    pub layout: Layout,
+    /// `CLICKHOUSE_NODES` (comma-separated): every node's HTTP URL, where `migrate` runs the
+    /// DDL of the sharded layout.
+    pub nodes: Vec<String>,
 }
 
 /// `clickhouse.compression`.
@@ -304,6 +315,9 @@ impl Default for ClickHouseConfig {
             password: Secret::default(),
             ca_file: None,
             compression: InsertCompression::Lz4,
+            cluster: None,
+            layout: Layout::Replicated,
+            nodes: Vec::new(),
         }
     }
 }
@@ -607,6 +621,17 @@ impl<S: Settings> Config<S> {
         if let Some(v) = env("CLICKHOUSE_PASSWORD") {
             self.clickhouse.password = Secret(v);
         }
+        if let Some(v) = env("CLICKHOUSE_CLUSTER") {
+            self.clickhouse.cluster = (!v.trim().is_empty()).then(|| v.trim().to_owned());
+        }
+        if let Some(v) = env("CLICKHOUSE_LAYOUT") {
+            self.clickhouse.layout = v
+                .parse()
+                .map_err(|e| invalid("clickhouse.layout (CLICKHOUSE_LAYOUT)", e))?;
+        }
+        if let Some(v) = env("CLICKHOUSE_NODES") {
+            self.clickhouse.nodes = list(v);
+        }
         if let Some(v) = env("DATABASE_URL") {
             self.postgres.url = (!v.trim().is_empty()).then_some(Secret(v));
         }
@@ -658,6 +683,33 @@ impl<S: Settings> Config<S> {
         })?;
         if self.clickhouse.database.trim().is_empty() {
             return Err(invalid("clickhouse.database (CLICKHOUSE_DB)", "is empty"));
+        }
+        if self
+            .clickhouse
+            .cluster
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            return Err(invalid(
+                "clickhouse.cluster (CLICKHOUSE_CLUSTER)",
+                "is empty",
+            ));
+        }
+        for node in &self.clickhouse.nodes {
+            let as_host = ClickHouseConfig {
+                host: node.clone(),
+                ..ClickHouseConfig::default()
+            };
+            if let Err(e) = as_host.url() {
+                let why = match e {
+                    ConfigError::Invalid { message, .. } => message,
+                    other => other.to_string(),
+                };
+                return Err(invalid(
+                    "clickhouse.nodes (CLICKHOUSE_NODES)",
+                    format!("`{node}`: {why}"),
+                ));
+            }
         }
         if let Some(url) = &self.postgres.url
             && !(url.expose().starts_with("postgres://")
@@ -751,6 +803,13 @@ impl<S: Settings> Config<S> {
                 InsertCompression::None => "none",
             }),
         );
+        if let Some(cluster) = &self.clickhouse.cluster {
+            line("clickhouse.cluster", quote(cluster));
+            line("clickhouse.layout", quote(self.clickhouse.layout.name()));
+        }
+        if !self.clickhouse.nodes.is_empty() {
+            line("clickhouse.nodes", format!("{:?}", self.clickhouse.nodes));
+        }
         line(
             "postgres.url",
             self.postgres
@@ -993,6 +1052,43 @@ mod tests {
             err_of(load(None, env_of(&[("CLICKHOUSE_HOST", "ch:9000")])))
                 .contains("CLICKHOUSE_HOST")
         );
+    }
+
+    #[test]
+    fn cluster_keys_come_from_the_file_or_the_environment_and_bad_ones_name_their_key() {
+        let dir = std::env::temp_dir().join(format!("sluice-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.toml");
+        std::fs::write(
+            &path,
+            "[clickhouse]\ncluster = \"analytics\"\nlayout = \"sharded\"\nnodes = [\"http://n1:8123\", \"n2\"]\n",
+        )
+        .unwrap();
+        let c = load(Some(&path), env_of(&[])).expect("valid");
+        assert_eq!(c.clickhouse.cluster.as_deref(), Some("analytics"));
+        assert_eq!(c.clickhouse.layout, Layout::Sharded);
+        assert_eq!(c.clickhouse.nodes, ["http://n1:8123", "n2"]);
+        assert!(c.redacted().contains("clickhouse.layout = \"sharded\""));
+
+        let c = load(
+            None,
+            env_of(&[
+                ("CLICKHOUSE_CLUSTER", "c2"),
+                ("CLICKHOUSE_NODES", "a:8201, b:8202"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.clickhouse.cluster.as_deref(), Some("c2"));
+        assert_eq!(c.clickhouse.layout, Layout::Replicated, "the default");
+        assert_eq!(c.clickhouse.nodes, ["a:8201", "b:8202"]);
+
+        let e = err_of(load(None, env_of(&[("CLICKHOUSE_LAYOUT", "ring")])));
+        assert!(e.contains("CLICKHOUSE_LAYOUT") && e.contains("ring"), "{e}");
+        let e = err_of(load(None, env_of(&[("CLICKHOUSE_NODES", "n1:9000")])));
+        assert!(e.contains("clickhouse.nodes (CLICKHOUSE_NODES)"), "{e}");
+        std::fs::write(&path, "[clickhouse]\nlayout = \"ring\"\n").unwrap();
+        assert!(err_of(load(Some(&path), env_of(&[]))).contains("layout"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -36,10 +36,16 @@ pub fn clickhouse_server(config: &ClickHouseConfig) -> Result<clickhouse::Client
 
 /// The client of the configured database: every table a worker writes lives there.
 pub fn clickhouse_client(config: &ClickHouseConfig) -> Result<clickhouse::Client, ConfigError> {
-    Ok(clickhouse_server(config)?
+    let client = clickhouse_server(config)?
         .with_database(&config.database)
         // Tables partitioned by month and tenant (say): one batch may touch many partitions.
-        .with_setting("max_partitions_per_insert_block", "1000"))
+        .with_setting("max_partitions_per_insert_block", "1000");
+    Ok(match config.cluster {
+        // Through a Distributed table an insert returns once every shard holds its rows, not
+        // once they are queued: only then may the offsets be committed.
+        Some(_) => client.with_setting("distributed_foreground_insert", "1"),
+        None => client,
+    })
 }
 
 /// A pool of the configured PostgreSQL database (connecting lazily), if one is configured.
@@ -78,7 +84,7 @@ where
         match check().await {
             Ok(()) => break,
             Err(e) if e.is_transient() && !handle.shutdown_signal().is_triggered() => {
-                health.set_failing(service, true);
+                health.set_failing_with(service, &e);
                 let wait = RetryPolicy::default().backoff(attempt);
                 tracing::warn!(service, error = %e, retry_in_ms = wait.as_millis() as u64, "not reachable at start; retrying");
                 tokio::time::sleep(wait).await;

@@ -515,6 +515,9 @@ impl<'a, S: Settings> Wiring<'a, S> {
         if let Some(column) = &table.check_range {
             sink = sink.check_range(column);
         }
+        if let Some(cluster) = &self.config.clickhouse.cluster {
+            sink = sink.cluster(cluster, self.config.clickhouse.layout);
+        }
         let checked = sink.clone();
         self.checks.push(StartCheck::new(
             "clickhouse",

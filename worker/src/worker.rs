@@ -83,11 +83,16 @@ enum Builtin {
         /// TOML configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Create the ClickHouse tables on this cluster (of the servers' `remote_servers`):
-        /// `Replicated…MergeTree` tables `<name>_local` behind `Distributed` tables `<name>`,
-        /// every statement `ON CLUSTER`.
+        /// Create the ClickHouse tables on this cluster (of the servers' `remote_servers`;
+        /// default: `clickhouse.cluster`): tables `<name>_local` behind `Distributed` tables
+        /// `<name>`.
         #[arg(long, value_name = "NAME")]
         cluster: Option<String>,
+        /// `replicated` (`Replicated…MergeTree`, every statement `ON CLUSTER`) or `sharded`
+        /// (plain `…MergeTree` written replica by replica by the `Distributed` tables, the
+        /// statements run on each node of `clickhouse.nodes`); default: `clickhouse.layout`.
+        #[arg(long, value_name = "LAYOUT")]
+        layout: Option<sluice_sinks::Layout>,
         /// Print the ClickHouse statements instead of running them (connects to nothing).
         #[arg(long)]
         dry_run: bool,
@@ -308,9 +313,12 @@ impl<S: Settings> Worker<S> {
             Builtin::Migrate {
                 config,
                 cluster,
+                layout,
                 dry_run,
             } => {
                 let config = self.load(config)?;
+                let cluster = cluster.or_else(|| config.clickhouse.cluster.clone());
+                let layout = layout.unwrap_or(config.clickhouse.layout);
                 let plan = plan(&config, build)?;
                 let tables: Vec<String> = plan.tables.iter().map(|t| t.name.clone()).collect();
                 let ch = ClickHousePlan {
@@ -318,6 +326,7 @@ impl<S: Settings> Worker<S> {
                     migrations: self.clickhouse_migrations,
                     tables: &tables,
                     cluster: cluster.as_deref(),
+                    layout,
                 };
                 if dry_run {
                     let text = ch.text(&config.clickhouse.database)?;

@@ -17,11 +17,17 @@ const TRANSIENT_CODES: &[u32] = &[
     210, // NETWORK_ERROR
     241, // MEMORY_LIMIT_EXCEEDED
     252, // TOO_MANY_PARTS
+    279, // ALL_CONNECTION_TRIES_FAILED (a cluster node is down)
     285, // TOO_FEW_LIVE_REPLICAS
     319, // UNKNOWN_STATUS_OF_INSERT
     425, // SYSTEM_ERROR
+    519, // NO_REMOTE_SHARD_AVAILABLE
     999, // KEEPER_EXCEPTION
 ];
+
+/// `UNEXPECTED_END_OF_FILE`: on a cluster, the node a Distributed insert was writing to died
+/// mid-insert ("… while receiving packet from host:port"); elsewhere a malformed body.
+const UNEXPECTED_END_OF_FILE: u32 = 32;
 
 /// Where and how to reach a ClickHouse server.
 ///
@@ -166,18 +172,29 @@ pub fn error_code(message: &str) -> Option<u32> {
         .ok()
 }
 
+/// A ClickHouse error, named as such (on `/ready` and in logs, beside other services').
+#[derive(Debug, thiserror::Error)]
+#[error("clickhouse: {0}")]
+pub struct ServerError(#[source] pub clickhouse::error::Error);
+
 /// Sorts a `clickhouse` error into retryable or not.
 pub fn classify(err: clickhouse::error::Error) -> SinkError {
     use clickhouse::error::Error as E;
-    match &err {
-        E::Network(_) | E::TimedOut => SinkError::transient(err),
+    let transient = match &err {
+        E::Network(_) | E::TimedOut => true,
         E::BadResponse(msg) => match error_code(msg) {
-            Some(code) if TRANSIENT_CODES.contains(&code) => SinkError::transient(err),
-            Some(_) => SinkError::permanent(err),
+            Some(code) if TRANSIENT_CODES.contains(&code) => true,
+            Some(UNEXPECTED_END_OF_FILE) => msg.contains("while receiving packet from"),
+            Some(_) => false,
             // No code: an HTTP-level failure (proxy, 5xx without a ClickHouse body).
-            None => SinkError::transient(err),
+            None => true,
         },
-        _ => SinkError::permanent(err),
+        _ => false,
+    };
+    if transient {
+        SinkError::transient(ServerError(err))
+    } else {
+        SinkError::permanent(ServerError(err))
     }
 }
 
@@ -220,6 +237,20 @@ mod tests {
             .is_transient()
         );
         assert!(classify(clickhouse::error::Error::TimedOut).is_transient());
+        let node_died = classify(clickhouse::error::Error::BadResponse(
+            "Code: 32. DB::Exception: Attempt to read after eof: while receiving packet from 127.0.0.1:9204".into(),
+        ));
+        assert!(node_died.is_transient());
+        assert!(
+            node_died.to_string().contains("clickhouse: "),
+            "{node_died}"
+        );
+        assert!(
+            !classify(clickhouse::error::Error::BadResponse(
+                "Code: 32. DB::Exception: Attempt to read after eof".into()
+            ))
+            .is_transient()
+        );
         assert!(!classify(clickhouse::error::Error::SchemaMismatch("x".into())).is_transient());
     }
 

@@ -10,11 +10,14 @@
 //! - [`rowbinary`]: the RowBinary writer behind [`RowEncoder`];
 //! - [`token`]: the deduplication token of a batch ([`batch_token`]);
 //! - [`schema`]: the start-up checks of a target table ([`ClickHouseSink::check`]);
+//! - [`cluster`]: writing through a cluster's `Distributed` tables ([`Layout`]) and where
+//!   each replica keeps its rows;
 //! - [`recovery`]: after a crash, which batches landed and the row check for the rest;
 //! - [`span_log`]: where span-cutting stages record their cuts ([`ClickHouseSpanLog`]);
 //! - [`sink`]: [`ClickHouseSink`], which puts them together.
 
 mod client;
+mod cluster;
 mod encode;
 mod native;
 mod recovery;
@@ -24,7 +27,8 @@ mod sink;
 mod span_log;
 mod token;
 
-pub use client::{ClickHouseConnection, ConnectError, classify, connect, error_code};
+pub use client::{ClickHouseConnection, ConnectError, ServerError, classify, connect, error_code};
+pub use cluster::Layout;
 pub use encode::{Encoded, Encoder, InsertRequest, RowBinary, RowEncoder, SerdeRows};
 pub use native::Native;
 pub use rowbinary::EncodeError;

@@ -9,9 +9,76 @@ use sluice_pipeline::{Batch, SinkError};
 
 use super::LANDINGS_TABLE;
 use super::client::classify;
-use super::encode::Encoder;
+use super::cluster::{Layout, Shards};
+use super::encode::{Encoder, quote_identifier};
 use super::sink::ClickHouseSink;
 use super::token::{batch_token, group_token, recovery_token, span_token};
+
+/// How many rows of a token landed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Landed {
+    /// On every replica: per shard the least any of its replicas holds, summed over shards
+    /// (on one server, simply the rows).
+    pub everywhere: u64,
+    /// On some replica: per shard the most any of its replicas holds, summed.
+    pub anywhere: u64,
+}
+
+/// What to do with a span of a recovered batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Its batch, or the span alone, landed on every replica: skip it.
+    Landed,
+    /// Nothing of it landed anywhere: insert it under its recovery token.
+    Nowhere,
+    /// Part of it landed (a ClickHouse crash during the insert, or a replica that missed it):
+    /// compare rows.
+    InPart,
+}
+
+impl Verdict {
+    /// `whole`: the landings of the span's batch (`items` rows); `again`: of the span alone
+    /// (`rows` rows).
+    fn of(whole: Landed, again: Landed, items: u64, rows: u64) -> Self {
+        if whole.everywhere >= items || again.everywhere >= rows {
+            Verdict::Landed
+        } else if whole.anywhere == 0 && again.anywhere == 0 {
+            Verdict::Nowhere
+        } else {
+            Verdict::InPart
+        }
+    }
+}
+
+/// Folds per-replica landings (`(replica, token, rows)`) into [`Landed`] per token.
+fn fold_replicas(shards: &Shards, rows: Vec<(u64, String, u64)>) -> HashMap<String, Landed> {
+    let mut per_token: HashMap<String, Vec<u64>> = HashMap::new();
+    for (replica, token, n) in rows {
+        let held = per_token
+            .entry(token)
+            .or_insert_with(|| vec![0; shards.replicas.len()]);
+        if let Some(slot) = held.get_mut(replica as usize) {
+            *slot += n;
+        }
+    }
+    per_token
+        .into_iter()
+        .map(|(token, held)| {
+            let mut landed = Landed::default();
+            for shard in 0..shards.slots.len() {
+                let of_shard = shards
+                    .replicas
+                    .iter()
+                    .zip(&held)
+                    .filter(|(r, _)| r.shard == shard)
+                    .map(|(_, n)| *n);
+                landed.everywhere += of_shard.clone().min().unwrap_or(0);
+                landed.anywhere += of_shard.max().unwrap_or(0);
+            }
+            (token, landed)
+        })
+        .collect()
+}
 
 /// What became of a recovered batch's rows.
 #[derive(Default)]
@@ -28,13 +95,18 @@ struct Recovery {
 
 impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
     /// How many rows landed in the table under each of `tokens` (absent: none), from the
-    /// table's landing view.
+    /// table's landing view; in the sharded layout, from every replica's own landings.
     pub(crate) async fn landed(
         &self,
         tokens: &[String],
-    ) -> Result<HashMap<String, u64>, SinkError> {
+    ) -> Result<HashMap<String, Landed>, SinkError> {
         if tokens.is_empty() {
             return Ok(HashMap::new());
+        }
+        if let Some(cluster) = &self.cluster
+            && cluster.layout == Layout::Sharded
+        {
+            return self.landed_per_replica(&cluster.name, tokens).await;
         }
         let rows: Vec<(String, u64)> = self
             .client
@@ -45,7 +117,48 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
             .fetch_all()
             .await
             .map_err(classify)?;
-        Ok(rows.into_iter().collect())
+        Ok(rows
+            .into_iter()
+            .map(|(token, n)| {
+                let landed = Landed {
+                    everywhere: n,
+                    anywhere: n,
+                };
+                (token, landed)
+            })
+            .collect())
+    }
+
+    /// [`Self::landed`] replica by replica: through the `Distributed` landings table a read
+    /// sees one replica per shard, and a replica killed between storing a block and its
+    /// landing holds rows its landings do not show.
+    async fn landed_per_replica(
+        &self,
+        cluster: &str,
+        tokens: &[String],
+    ) -> Result<HashMap<String, Landed>, SinkError> {
+        let shards = Shards::of(&self.client, cluster, LANDINGS_TABLE).await?;
+        let each: Vec<String> = shards
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                format!(
+                    "SELECT toUInt64({i}) AS replica, token, rows FROM {} \
+                     WHERE target_table = ? AND token IN ?",
+                    shards.remote(r)
+                )
+            })
+            .collect();
+        let mut query = self.client.query(&format!(
+            "SELECT replica, token, sum(rows) FROM ({}) GROUP BY replica, token",
+            each.join(" UNION ALL ")
+        ));
+        for _ in &shards.replicas {
+            query = query.bind(&*self.table).bind(tokens);
+        }
+        let rows: Vec<(u64, String, u64)> = query.fetch_all().await.map_err(classify)?;
+        Ok(fold_replicas(&shards, rows))
     }
 
     /// How many inserts under any of `tokens` the server is running now.
@@ -53,12 +166,18 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
         if tokens.is_empty() {
             return Ok(0);
         }
-        self.client
-            .query("SELECT count() FROM system.processes WHERE Settings['insert_deduplication_token'] IN ?")
-            .bind(tokens)
-            .fetch_one()
-            .await
-            .map_err(classify)
+        // On a cluster the insert may run on any node (the one its owner reached, and every
+        // node the Distributed table forwards it to); a node that is down runs nothing.
+        let query = match &self.cluster {
+            Some(c) => self
+                .client
+                .query("SELECT count() FROM clusterAllReplicas(?, system.processes) WHERE Settings['insert_deduplication_token'] IN ? SETTINGS skip_unavailable_shards = 1")
+                .bind(&*c.name),
+            None => self
+                .client
+                .query("SELECT count() FROM system.processes WHERE Settings['insert_deduplication_token'] IN ?"),
+        };
+        query.bind(tokens).fetch_one().await.map_err(classify)
     }
 
     /// Writes the spans of a [`Delivery::Recovered`](sluice_pipeline::Delivery::Recovered)
@@ -84,7 +203,7 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
             })
             .collect();
         let landed = self.landed(&tokens).await?;
-        let landed = |token: &str| landed.get(token).copied().unwrap_or(0);
+        let landed = |token: &str| landed.get(token).copied().unwrap_or_default();
         // An earlier owner's insert may still be running (it was killed after sending the
         // whole body, and ClickHouse is slow): wait for it rather than take its batch for lost.
         let running = self.running(&tokens).await?;
@@ -109,17 +228,18 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
             };
             let token = recovery_token(&self.table, b, span);
             let (whole, again) = (landed(&group_token(&self.table, b)), landed(&token));
-            if whole >= b.items || again >= n {
-                done.landed += n;
-            } else if whole == 0 && again == 0 {
-                self.insert_into(&self.table, rows, Some(&token))
-                    .await
-                    .map_err(classify)?;
-                done.inserted += n;
-            } else {
-                // Landed in part: only a ClickHouse crash during its insert does that.
-                done.checked += n;
-                done.restored += self.restore_missing(rows, &token).await?;
+            match Verdict::of(whole, again, b.items, n) {
+                Verdict::Landed => done.landed += n,
+                Verdict::Nowhere => {
+                    self.insert_into(&self.table, rows, Some(&token))
+                        .await
+                        .map_err(classify)?;
+                    done.inserted += n;
+                }
+                Verdict::InPart => {
+                    done.checked += n;
+                    done.restored += self.restore_missing(rows, &token).await?;
+                }
             }
         }
         self.report(&done);
@@ -153,9 +273,15 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
             .execute()
             .await
             .map_err(classify)?;
-        let result = self.insert_missing(rows, &scratch).await;
+        let result = match &self.cluster {
+            Some(c) if c.layout == Layout::Sharded => {
+                self.insert_missing_per_replica(rows, &scratch, &c.name)
+                    .await
+            }
+            _ => self.insert_missing(rows, &scratch).await.map_err(classify),
+        };
         let dropped = drop_scratch().await;
-        let missing = result.map_err(classify)?;
+        let missing = result?;
         if let Err(e) = dropped {
             tracing::warn!(table = %scratch, error = %e, "cannot drop a scratch table");
         }
@@ -204,5 +330,122 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
                 .await?;
         }
         Ok(missing)
+    }
+
+    /// [`Self::insert_missing`] replica by replica: the rows the sharding key sends to each
+    /// shard, compared with each of its replicas' local table, and what one lacks inserted
+    /// there alone (through `Distributed`, a row missing on one replica would be written
+    /// again on the other too). Returns the rows inserted, over all replicas.
+    async fn insert_missing_per_replica(
+        &self,
+        rows: &[T],
+        scratch: &str,
+        cluster: &str,
+    ) -> Result<u64, SinkError> {
+        let shards = Shards::of(&self.client, cluster, &self.table).await?;
+        self.insert_into(scratch, rows, None)
+            .await
+            .map_err(classify)?;
+        let scratch = quote_identifier(scratch);
+        let range = match &self.check_range {
+            Some(c) => {
+                let c = quote_identifier(c);
+                format!(
+                    " WHERE {c} BETWEEN (SELECT min({c}) FROM {scratch}) AND (SELECT max({c}) FROM {scratch})"
+                )
+            }
+            None => String::new(),
+        };
+        // Not deduplicated: these rows are known to be absent from that replica.
+        let insert = self.client.clone().with_setting("insert_deduplicate", "0");
+        let mut inserted = 0;
+        for replica in &shards.replicas {
+            let remote = shards.remote(replica);
+            let missing_rows = format!(
+                "SELECT * FROM {scratch} WHERE {} EXCEPT ALL SELECT * FROM {remote}{range}",
+                shards.routes_to(replica.shard)
+            );
+            let missing: u64 = self
+                .client
+                .query(&format!("SELECT count() FROM ({missing_rows})"))
+                .fetch_one()
+                .await
+                .map_err(classify)?;
+            if missing > 0 {
+                insert
+                    .query(&format!(
+                        "INSERT INTO FUNCTION {remote} SELECT * FROM ({missing_rows})"
+                    ))
+                    .execute()
+                    .await
+                    .map_err(classify)?;
+                tracing::warn!(table = %self.table, replica = %replica.address, rows = missing, "rows missing on one replica inserted there");
+                inserted += missing;
+            }
+        }
+        Ok(inserted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn landed(everywhere: u64, anywhere: u64) -> Landed {
+        Landed {
+            everywhere,
+            anywhere,
+        }
+    }
+
+    #[test]
+    fn a_span_is_skipped_only_when_every_replica_holds_it() {
+        let none = Landed::default();
+        assert_eq!(Verdict::of(landed(10, 10), none, 10, 4), Verdict::Landed);
+        assert_eq!(Verdict::of(none, landed(4, 4), 10, 4), Verdict::Landed);
+        assert_eq!(Verdict::of(none, none, 10, 4), Verdict::Nowhere);
+        // On one replica of a shard and not the other.
+        assert_eq!(Verdict::of(landed(6, 10), none, 10, 4), Verdict::InPart);
+        assert_eq!(Verdict::of(none, landed(0, 4), 10, 4), Verdict::InPart);
+    }
+
+    #[test]
+    fn landings_fold_per_shard_least_and_most_over_its_replicas() {
+        use super::super::cluster::Replica;
+        let replica = |shard, address: &str| Replica {
+            shard,
+            address: address.into(),
+        };
+        // 2 shards x 2 replicas; the batch's 10 rows are 6 on shard 1 and 4 on shard 2.
+        let shards = Shards::fixed(
+            vec![(0, 1), (1, 2)],
+            vec![
+                replica(0, "n1:9000"),
+                replica(0, "n2:9000"),
+                replica(1, "n3:9000"),
+                replica(1, "n4:9000"),
+            ],
+        );
+        let t = |s: &str| s.to_owned();
+        let all = fold_replicas(
+            &shards,
+            vec![
+                (0, t("a"), 6),
+                (1, t("a"), 6),
+                (2, t("a"), 4),
+                (3, t("a"), 4),
+            ],
+        );
+        assert_eq!(all["a"], landed(10, 10));
+        // Node 4 missed it: shard 2 counts as landed nowhere for `everywhere`.
+        let part = fold_replicas(
+            &shards,
+            vec![(0, t("b"), 6), (1, t("b"), 6), (2, t("b"), 4)],
+        );
+        assert_eq!(part["b"], landed(6, 10));
+        assert_eq!(
+            Verdict::of(part["b"], Landed::default(), 10, 10),
+            Verdict::InPart
+        );
     }
 }

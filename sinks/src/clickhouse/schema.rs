@@ -181,13 +181,8 @@ async fn deduplication(
 
 /// The local table of a `Distributed(cluster, database, table[, key])` engine.
 fn distributed_local(engine_full: &str) -> Option<String> {
-    let args = engine_full.strip_prefix("Distributed(")?;
-    let table = args.split(',').nth(2)?.trim();
-    Some(
-        table
-            .trim_matches(|c| c == '\'' || c == '`' || c == '"')
-            .to_owned(),
-    )
+    let args = super::cluster::distributed_args(engine_full)?;
+    Some(super::cluster::unquote(args.get(2)?))
 }
 
 /// A numeric setting in a table's `SETTINGS` clause.

@@ -7,6 +7,7 @@ use clickhouse::{Client, RowOwned, RowWrite};
 use sluice_pipeline::{Batch, Delivery, Sink, SinkError};
 
 use super::client::{classify, unanswered};
+use super::cluster::{Cluster, Layout};
 use super::encode::{Encoder, InsertRequest, SerdeRows};
 use super::token::batch_token;
 
@@ -45,6 +46,8 @@ pub struct ClickHouseSink<T, E = SerdeRows<T>> {
     pub(crate) encoder: Arc<E>,
     /// Column bounding the rows a check compares with (the batch's min..=max of it).
     pub(crate) check_range: Option<Arc<str>>,
+    /// The cluster whose `Distributed` table `table` is, if any.
+    pub(crate) cluster: Option<Cluster>,
     /// Token of the batch whose last insert ended without an answer.
     unanswered: Option<String>,
     _item: std::marker::PhantomData<fn(T)>,
@@ -57,6 +60,7 @@ impl<T, E> Clone for ClickHouseSink<T, E> {
             table: self.table.clone(),
             encoder: self.encoder.clone(),
             check_range: self.check_range.clone(),
+            cluster: self.cluster.clone(),
             unanswered: None,
             _item: std::marker::PhantomData,
         }
@@ -79,6 +83,7 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
             table: table.into(),
             encoder: Arc::new(encoder),
             check_range: None,
+            cluster: None,
             unanswered: None,
             _item: std::marker::PhantomData,
         }
@@ -88,6 +93,29 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
     /// within the batch's range (a time column keeps the check small on a large table).
     pub fn check_range(mut self, column: &str) -> Self {
         self.check_range = Some(column.into());
+        self
+    }
+
+    /// Writes through `table`, a `Distributed` table of `cluster` laid out as `layout`:
+    /// inserts wait until every shard holds their rows (`distributed_foreground_insert`), the
+    /// check for an earlier owner's insert still running asks every node, and in the
+    /// [`Layout::Sharded`] layout the recovery reads and repairs each replica on its own.
+    ///
+    /// ```no_run
+    /// # fn demo(client: clickhouse::Client) {
+    /// # #[derive(clickhouse::Row, serde::Serialize, Default)] struct Order { id: u64 }
+    /// let sink = sluice_sinks::ClickHouseSink::<Order>::new(client, "orders")
+    ///     .cluster("analytics", sluice_sinks::Layout::Sharded);
+    /// # drop(sink); }
+    /// ```
+    pub fn cluster(mut self, cluster: &str, layout: Layout) -> Self {
+        self.client = self
+            .client
+            .with_setting("distributed_foreground_insert", "1");
+        self.cluster = Some(Cluster {
+            name: cluster.into(),
+            layout,
+        });
         self
     }
 
@@ -138,7 +166,7 @@ where
                     .landed(std::slice::from_ref(&token))
                     .await?
                     .get(&token)
-                    .is_none_or(|&n| n < batch.len() as u64));
+                    .is_none_or(|l| l.everywhere < batch.len() as u64));
         if check {
             let restored = self.restore_missing(&batch.items, &token).await?;
             self.unanswered = None;

@@ -754,6 +754,7 @@ impl Bench<'_> {
             migrations: self.migrations.clickhouse,
             tables: &tables,
             cluster: None,
+            layout: sluice_sinks::Layout::Replicated,
         }
         .apply(&c)
         .await?;

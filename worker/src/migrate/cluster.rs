@@ -1,12 +1,19 @@
-//! The ClickHouse cluster variant of the DDL: every `MergeTree` table of a migration becomes a
-//! `Replicated…MergeTree` table `<name>_local` on each node plus a `Distributed` table `<name>`
-//! in front of it, all created `ON CLUSTER`; the worker keeps writing and reading `<name>`.
+//! The ClickHouse cluster variants of the DDL: every `MergeTree` table of a migration becomes a
+//! table `<name>_local` on each node plus a `Distributed` table `<name>` in front of it; the
+//! worker keeps writing and reading `<name>`. In the [`Layout::Replicated`] layout the local
+//! tables are `Replicated…MergeTree` and every statement runs `ON CLUSTER`; in the
+//! [`Layout::Sharded`] layout they stay plain `…MergeTree` (the `Distributed` table writes
+//! each replica, which deduplicates on its own) and the statements run on each node in turn.
 //!
 //! The sharding key is a hash of the table's `ORDER BY` columns, never `rand()`: a retried or
 //! replayed insert must split into the same per-shard blocks, so that each shard sees the same
 //! block under the same `insert_deduplication_token` and drops it.
 
+use sluice_sinks::Layout;
 use thiserror::Error;
+
+use crate::config::{ClickHouseConfig, invalid};
+use crate::services;
 
 /// A statement of a migration the cluster rewrite does not know how to replicate.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -25,24 +32,40 @@ pub struct ClusterTarget<'a> {
     pub cluster: &'a str,
     /// The database every table lives in (on every node).
     pub database: &'a str,
+    /// How the local tables keep their replicas.
+    pub layout: Layout,
 }
 
 /// Suffix of the per-node replicated tables behind the `Distributed` ones.
 pub const LOCAL_SUFFIX: &str = "_local";
 
 impl ClusterTarget<'_> {
-    /// `CREATE DATABASE … ON CLUSTER`.
+    /// ` ON CLUSTER c` where the DDL is distributed by ClickHouse; empty where it runs on each
+    /// node.
+    fn on_cluster(&self) -> String {
+        match self.layout {
+            Layout::Replicated => format!(" ON CLUSTER {}", quote(self.cluster)),
+            Layout::Sharded => String::new(),
+        }
+    }
+
+    /// `CREATE DATABASE` (`ON CLUSTER` when replicated).
     pub fn create_database(&self) -> String {
         format!(
-            "CREATE DATABASE IF NOT EXISTS {} ON CLUSTER {}",
+            "CREATE DATABASE IF NOT EXISTS {}{}",
             quote(self.database),
-            quote(self.cluster)
+            self.on_cluster()
         )
     }
 
-    /// The migrations ledger: one replica group across the whole cluster (not per shard), so
-    /// that `migrate` sees the same history whichever node it reaches.
+    /// The migrations ledger. Replicated: one replica group across the whole cluster (not per
+    /// shard), so that `migrate` sees the same history whichever node it reaches. Sharded:
+    /// one plain table per node, as on a single server, since each node gets the DDL on its
+    /// own (a node that missed a `migrate` catches up on the next).
     pub fn migrations_table(&self) -> String {
+        if self.layout == Layout::Sharded {
+            return super::single_server_ledger(self.database);
+        }
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.{ledger} ON CLUSTER {c} \
              (scope LowCardinality(String), version UInt32, name String, applied_at DateTime DEFAULT now()) \
@@ -75,9 +98,9 @@ impl ClusterTarget<'_> {
         } else if let Some(rest) = strip_words(s, &["CREATE", "VIEW", "IF", "NOT", "EXISTS"]) {
             let (name, body) = split_ident(rest).ok_or_else(|| fail("expected a view name"))?;
             Ok(vec![format!(
-                "CREATE VIEW IF NOT EXISTS {} ON CLUSTER {} {}",
+                "CREATE VIEW IF NOT EXISTS {}{} {}",
                 self.qualified(name, ""),
-                quote(self.cluster),
+                self.on_cluster(),
                 self.qualify_from(body, "")
                     .ok_or_else(|| fail("expected one `FROM table`"))?
             )])
@@ -88,9 +111,9 @@ impl ClusterTarget<'_> {
                 .iter()
                 .map(|suffix| {
                     format!(
-                        "ALTER TABLE {} ON CLUSTER {} {action}",
+                        "ALTER TABLE {}{} {action}",
                         self.qualified(name, suffix),
-                        quote(self.cluster)
+                        self.on_cluster()
                     )
                 })
                 .collect())
@@ -133,21 +156,32 @@ impl ClusterTarget<'_> {
             return None;
         }
         let order_by = order_by_columns(tail)?;
-        let tail = tail.replace(
-            "non_replicated_deduplication_window",
-            "replicated_deduplication_window",
-        );
         let local = format!("{name}{LOCAL_SUFFIX}");
         let c = quote(self.cluster);
-        Some(vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} ON CLUSTER {c} {}ENGINE = Replicated{kind}MergeTree('/clickhouse/tables/{{shard}}/{}/{local}', '{{replica}}') {tail}",
+        let on = self.on_cluster();
+        let local_table = match self.layout {
+            Layout::Replicated => format!(
+                "CREATE TABLE IF NOT EXISTS {}{on} {}ENGINE = Replicated{kind}MergeTree('/clickhouse/tables/{{shard}}/{}/{local}', '{{replica}}') {}",
                 self.qualified(name, LOCAL_SUFFIX),
                 columns.trim_start(),
                 self.database,
+                tail.replace(
+                    "non_replicated_deduplication_window",
+                    "replicated_deduplication_window",
+                ),
             ),
+            // Plain tables keep `non_replicated_deduplication_window`: each replica drops a
+            // repeated block by its token on its own.
+            Layout::Sharded => format!(
+                "CREATE TABLE IF NOT EXISTS {} {}ENGINE = {kind}MergeTree {tail}",
+                self.qualified(name, LOCAL_SUFFIX),
+                columns.trim_start(),
+            ),
+        };
+        Some(vec![
+            local_table,
             format!(
-                "CREATE TABLE IF NOT EXISTS {} ON CLUSTER {c} AS {} ENGINE = Distributed({c}, {}, {}, cityHash64({order_by}))",
+                "CREATE TABLE IF NOT EXISTS {}{on} AS {} ENGINE = Distributed({c}, {}, {}, cityHash64({order_by}))",
                 self.qualified(name, ""),
                 self.qualified(name, LOCAL_SUFFIX),
                 quote(self.database),
@@ -164,9 +198,9 @@ impl ClusterTarget<'_> {
         // Inserts through a Distributed table land in the local tables: the view must watch
         // the local source and feed the local target on each node.
         Some(vec![format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {} ON CLUSTER {} TO {} AS {}",
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {}{} TO {} AS {}",
             self.qualified(name, ""),
-            quote(self.cluster),
+            self.on_cluster(),
             self.qualified(target, LOCAL_SUFFIX),
             self.qualify_from(body, LOCAL_SUFFIX)?
         )])
@@ -192,6 +226,80 @@ impl ClusterTarget<'_> {
             quote(&format!("{name}{suffix}"))
         )
     }
+}
+
+/// Asks each node of `clickhouse.nodes` which replica of `cluster` it is; returns each node's
+/// URL and name (`shard 1 replica 2 (host:port)`). A list that leaves a replica out is
+/// refused, naming it: the sharded layout creates the tables on every node itself, and a
+/// `Distributed` insert fails on a replica without them.
+pub async fn check_nodes(
+    config: &ClickHouseConfig,
+    cluster: &str,
+) -> Result<Vec<(String, String)>, crate::Error> {
+    const KEY: &str = "clickhouse.nodes (CLICKHOUSE_NODES)";
+    if config.nodes.is_empty() {
+        return Err(invalid(
+            KEY,
+            format!(
+                "is empty: the sharded layout runs its DDL on every node of cluster `{cluster}`"
+            ),
+        )
+        .into());
+    }
+    let name = |(shard, replica, host, port): &(u32, u32, String, u16)| {
+        format!("shard {shard} replica {replica} ({host}:{port})")
+    };
+    let mut every: Vec<(u32, u32, String, u16)> = Vec::new();
+    let mut nodes: Vec<(String, String)> = Vec::new();
+    let mut seen = Vec::new();
+    for node in &config.nodes {
+        let at = ClickHouseConfig {
+            host: node.clone(),
+            ..config.clone()
+        };
+        let url = at.url()?;
+        let rows: Vec<(u32, u32, String, u16, u8)> = services::clickhouse_server(&at)?
+            .query("SELECT shard_num, replica_num, host_address, port, is_local FROM system.clusters WHERE cluster = ? ORDER BY shard_num, replica_num")
+            .bind(cluster)
+            .fetch_all()
+            .await
+            .map_err(|e| crate::Error::Migrate(format!("{url}: cannot read system.clusters: {e}")))?;
+        if rows.is_empty() {
+            return Err(crate::Error::Migrate(format!(
+                "{url}: cluster `{cluster}` is not in its remote_servers"
+            )));
+        }
+        let own: Vec<_> = rows
+            .iter()
+            .filter(|r| r.4 == 1)
+            .map(|r| (r.0, r.1, r.2.clone(), r.3))
+            .collect();
+        let [me] = &own[..] else {
+            return Err(invalid(
+                KEY,
+                format!("`{node}` is not one replica of cluster `{cluster}` (its system.clusters shows {} as itself)", own.len()),
+            )
+            .into());
+        };
+        if every.is_empty() {
+            every = rows.into_iter().map(|r| (r.0, r.1, r.2, r.3)).collect();
+        }
+        if !seen.contains(&(me.0, me.1)) {
+            seen.push((me.0, me.1));
+            nodes.push((url, name(me)));
+        }
+    }
+    if let Some(missing) = every.iter().find(|r| !seen.contains(&(r.0, r.1))) {
+        return Err(invalid(
+            KEY,
+            format!(
+                "leaves out {} of cluster `{cluster}`: the sharded layout creates the tables on every node",
+                name(missing)
+            ),
+        )
+        .into());
+    }
+    Ok(nodes)
 }
 
 /// Backquotes an identifier for ClickHouse.
@@ -268,6 +376,12 @@ mod tests {
     const TARGET: ClusterTarget<'static> = ClusterTarget {
         cluster: "analytics",
         database: "frameworks",
+        layout: Layout::Replicated,
+    };
+
+    const SHARDED: ClusterTarget<'static> = ClusterTarget {
+        layout: Layout::Sharded,
+        ..TARGET
     };
 
     fn sources() -> Vec<&'static str> {
@@ -397,5 +511,39 @@ mod tests {
             .unwrap();
         assert!(out[0].contains("ReplicatedMergeTree("), "{}", out[0]);
         assert!(out[1].ends_with("cityHash64(a))"), "{}", out[1]);
+    }
+
+    #[test]
+    fn the_sharded_layout_keeps_plain_tables_and_runs_no_ddl_on_cluster() {
+        let ddl: Vec<String> = sources()
+            .into_iter()
+            .flat_map(|sql| SHARDED.rewrite_all(&sql_statements(sql)).unwrap())
+            .collect();
+        assert!(ddl.iter().all(|s| !s.contains("ON CLUSTER")), "{ddl:?}");
+        assert!(ddl.iter().all(|s| !s.contains("Replicated")), "{ddl:?}");
+        let local = ddl
+            .iter()
+            .find(|s| s.starts_with("CREATE TABLE IF NOT EXISTS `frameworks`.`events_local` "))
+            .expect("events_local");
+        assert!(
+            local.contains("ENGINE = MergeTree ORDER BY (t, k) SETTINGS non_replicated_deduplication_window = 10000"),
+            "{local}"
+        );
+        assert!(ddl.iter().any(|s| s
+            == "CREATE TABLE IF NOT EXISTS `frameworks`.`events` AS `frameworks`.`events_local` ENGINE = Distributed(`analytics`, `frameworks`, `events_local`, cityHash64(t, k))"));
+        let mv = ddl
+            .iter()
+            .find(|s| s.contains("MATERIALIZED VIEW"))
+            .unwrap();
+        assert!(
+            mv.contains("TO `frameworks`.`per_minute_local` AS")
+                && mv.contains("FROM `frameworks`.`events_local`"),
+            "{mv}"
+        );
+        assert!(!SHARDED.create_database().contains("ON CLUSTER"));
+        assert!(
+            !SHARDED.migrations_table().contains("Replicated"),
+            "one ledger per node"
+        );
     }
 }

@@ -6,7 +6,7 @@
 
 pub mod cluster;
 
-use sluice_sinks::landing_view_ddl;
+use sluice_sinks::{Layout, landing_view_ddl};
 
 use crate::Error;
 use crate::config::{ClickHouseConfig, redact_url};
@@ -65,8 +65,20 @@ pub struct ClickHousePlan<'a> {
     pub migrations: &'a [Migration],
     /// The tables it writes (each gets a landing view).
     pub tables: &'a [String],
-    /// A cluster of the servers' `remote_servers`: Replicated tables behind Distributed ones.
+    /// A cluster of the servers' `remote_servers`: local tables behind Distributed ones.
     pub cluster: Option<&'a str>,
+    /// How the cluster's local tables keep their replicas.
+    pub layout: Layout,
+}
+
+/// The migration ledger of one server.
+pub(crate) fn single_server_ledger(database: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}.{LEDGER} (scope LowCardinality(String), version UInt32, \
+         name String, applied_at DateTime DEFAULT now()) \
+         ENGINE = ReplacingMergeTree ORDER BY (scope, version)",
+        quote(database)
+    )
 }
 
 /// One step of a ClickHouse migration: a versioned migration of a scope, or the landing
@@ -83,9 +95,11 @@ pub struct Step {
 impl ClickHousePlan<'_> {
     /// The database and the ledger, then every step.
     pub fn ddl(&self, database: &str) -> Result<(Vec<String>, Vec<Step>), Error> {
-        let target = self
-            .cluster
-            .map(|cluster| ClusterTarget { cluster, database });
+        let target = self.cluster.map(|cluster| ClusterTarget {
+            cluster,
+            database,
+            layout: self.layout,
+        });
         let rewrite = |statements: Vec<String>| match &target {
             None => Ok(statements),
             Some(t) => t
@@ -96,12 +110,7 @@ impl ClickHousePlan<'_> {
             Some(t) => vec![t.create_database(), t.migrations_table()],
             None => vec![
                 format!("CREATE DATABASE IF NOT EXISTS {}", quote(database)),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {}.{LEDGER} (scope LowCardinality(String), version UInt32, \
-                     name String, applied_at DateTime DEFAULT now()) \
-                     ENGINE = ReplacingMergeTree ORDER BY (scope, version)",
-                    quote(database)
-                ),
+                single_server_ledger(database),
             ],
         };
         let mut steps = Vec::new();
@@ -129,7 +138,14 @@ impl ClickHousePlan<'_> {
     pub fn text(&self, database: &str) -> Result<String, Error> {
         use std::fmt::Write as _;
         let (setup, steps) = self.ddl(database)?;
-        let mut text = String::from("-- database and migration ledger\n");
+        let mut text = String::new();
+        if let (Some(c), Layout::Sharded) = (self.cluster, self.layout) {
+            let _ = writeln!(
+                text,
+                "-- cluster {c}, sharded layout: every statement runs on each node of clickhouse.nodes (CLICKHOUSE_NODES) in turn\n"
+            );
+        }
+        text.push_str("-- database and migration ledger\n");
         for stmt in setup {
             let _ = writeln!(text, "{stmt};\n");
         }
@@ -150,14 +166,45 @@ impl ClickHousePlan<'_> {
     }
 
     /// Applies every step not yet recorded in the ledger; returns what it did, a line each.
+    /// In the sharded layout, on each node of `clickhouse.nodes` in turn, once each node has
+    /// said which replica it is and the list leaves none out.
     pub async fn apply(&self, config: &ClickHouseConfig) -> Result<Vec<String>, Error> {
         let db = &config.database;
+        match (self.cluster, self.layout) {
+            (Some(cluster), Layout::Sharded) => {
+                let nodes = cluster::check_nodes(config, cluster).await?;
+                let mut report = Vec::new();
+                for (url, node) in nodes {
+                    let place = format!("clickhouse {db} on {node} ({url}) of cluster {cluster}");
+                    let root = services::clickhouse_server(&ClickHouseConfig {
+                        host: url,
+                        ..config.clone()
+                    })?;
+                    report.extend(self.apply_on(root, db, &place).await?);
+                }
+                Ok(report)
+            }
+            (Some(cluster), Layout::Replicated) => {
+                let place = format!("clickhouse {db} on cluster {cluster}");
+                self.apply_on(services::clickhouse_server(config)?, db, &place)
+                    .await
+            }
+            (None, _) => {
+                let place = format!("clickhouse {db}");
+                self.apply_on(services::clickhouse_server(config)?, db, &place)
+                    .await
+            }
+        }
+    }
+
+    /// Applies the steps through one server (`place` names it in the report).
+    async fn apply_on(
+        &self,
+        root: clickhouse::Client,
+        db: &str,
+        place: &str,
+    ) -> Result<Vec<String>, Error> {
         let (setup, steps) = self.ddl(db)?;
-        let place = match self.cluster {
-            Some(c) => format!("clickhouse {db} on cluster {c}"),
-            None => format!("clickhouse {db}"),
-        };
-        let root = services::clickhouse_server(config)?;
         let failed = |what: String| {
             move |e: clickhouse::error::Error| Error::Migrate(format!("{what}: {e}"))
         };
@@ -318,6 +365,7 @@ mod tests {
             )],
             tables: &tables,
             cluster: None,
+            layout: Layout::Replicated,
         };
         let (setup, steps) = plan.ddl("shop").unwrap();
         assert!(
