@@ -12,7 +12,7 @@
 //! - exactly-once targets in one call each: [`Wiring::into_clickhouse`],
 //!   [`Wiring::window_into_clickhouse`], [`Wiring::reduce_into_postgres`], each checked at
 //!   start (a table that would take duplicates stops the worker, named);
-//! - the commands `run [--drain] [--progress]`, `migrate [--dry-run] [--cluster]`,
+//! - the commands `run [--drain] [--progress]`, `migrate [--dry-run] [--cluster] [--layout]`,
 //!   `validate`, `bench`, `produce` and `dead-letters`, and any of the pipeline's own.
 //!
 //! ```no_run
