@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use maxminddb::{Mmap, Reader};
+use quick_cache::sync::Cache;
 use serde::Deserialize;
 
 use crate::lookup::{Lookup, LookupError};
@@ -55,8 +56,16 @@ pub struct MaxMind {
     checked: Mutex<Instant>,
 }
 
+/// Decoded records kept per open database (a City database's records for the addresses seen;
+/// about 100 bytes each).
+const RECORDS: usize = 65_536;
+
 struct Loaded {
     reader: Reader<Mmap>,
+    /// Decoded records by their offset in the data section. Many addresses (every network of
+    /// a city) point at one record, and decoding it costs more than finding it in the tree, so
+    /// each record is decoded once while the file is open.
+    records: Cache<usize, Option<Geo>>,
     stamp: (u64, Option<SystemTime>),
     generation: u64,
 }
@@ -88,7 +97,7 @@ impl MaxMind {
 
     /// Looks one address up.
     pub fn locate(&self, addr: IpAddr) -> Result<Option<Geo>, LookupError> {
-        locate(&self.current().reader, addr)
+        locate(&self.current(), addr)
     }
 
     /// The open database, reopened first if the file was replaced since the last check.
@@ -139,6 +148,7 @@ fn load(path: &Path, generation: u64) -> Result<Loaded, LookupError> {
     let reader = unsafe { Reader::open_mmap(path) }.map_err(|e| fail(&e))?;
     Ok(Loaded {
         reader,
+        records: Cache::new(RECORDS),
         stamp,
         generation,
     })
@@ -181,17 +191,30 @@ struct Location {
     longitude: Option<f64>,
 }
 
-fn locate(reader: &Reader<Mmap>, addr: IpAddr) -> Result<Option<Geo>, LookupError> {
+fn locate(loaded: &Loaded, addr: IpAddr) -> Result<Option<Geo>, LookupError> {
     if !is_public(addr) {
         return Ok(None);
     }
     let corrupt = |e: maxminddb::MaxMindDbError| {
         LookupError::permanent(format!("GeoIP lookup of {addr}: {e}"))
     };
-    let found = reader.lookup(addr).map_err(corrupt)?;
-    let Some(record) = found.decode::<CityRecord>().map_err(corrupt)? else {
+    let found = loaded.reader.lookup(addr).map_err(corrupt)?;
+    let Some(offset) = found.offset() else {
         return Ok(None);
     };
+    if let Some(geo) = loaded.records.get(&offset) {
+        return Ok(geo);
+    }
+    let geo = found
+        .decode::<CityRecord>()
+        .map_err(corrupt)?
+        .and_then(geo_of);
+    loaded.records.insert(offset, geo.clone());
+    Ok(geo)
+}
+
+/// What a decoded record says, if anything.
+fn geo_of(record: CityRecord<'_>) -> Option<Geo> {
     let geo = Geo {
         country_code: record.country.iso_code.unwrap_or_default().into(),
         city: record.city.names.en.unwrap_or_default().into(),
@@ -199,7 +222,7 @@ fn locate(reader: &Reader<Mmap>, addr: IpAddr) -> Result<Option<Geo>, LookupErro
         longitude: record.location.longitude,
     };
     let known = !geo.country_code.is_empty() || !geo.city.is_empty() || geo.latitude.is_some();
-    Ok(known.then_some(geo))
+    known.then_some(geo)
 }
 
 /// Whether `addr` is a public unicast address, the only kind a GeoIP database locates.
@@ -240,7 +263,7 @@ impl Lookup for MaxMind {
     async fn lookup(&self, keys: &[IpAddr]) -> Result<Vec<Option<Geo>>, LookupError> {
         let loaded = self.current();
         keys.iter()
-            .map(|&addr| locate(&loaded.reader, addr))
+            .map(|&addr| locate(&loaded, addr))
             .collect()
     }
 

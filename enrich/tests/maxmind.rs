@@ -120,6 +120,51 @@ async fn addresses_walked_from_the_database_get_its_country_city_and_location() 
     }
 }
 
+/// Networks that point at one record (a city's many networks) are answered from that record,
+/// decoded once and kept: each still gets exactly what its own record says, in any order.
+#[tokio::test]
+async fn networks_sharing_a_record_each_get_that_record() {
+    let reader = maxminddb::Reader::open_readfile(database("GeoLite2-City.mmdb")).unwrap();
+    let mut sample = Vec::new();
+    let mut offsets = std::collections::HashSet::new();
+    for found in reader
+        .within("81.0.0.0/8".parse().unwrap(), Default::default())
+        .unwrap()
+        .take(3_000)
+    {
+        let found = found.unwrap();
+        offsets.insert(found.offset());
+        let city: geoip2::City = found.decode().unwrap().unwrap();
+        sample.push((
+            found.network().unwrap().network(),
+            city.country.iso_code.unwrap_or_default().to_owned(),
+            city.city.names.english.unwrap_or_default().to_owned(),
+            city.location.latitude,
+        ));
+    }
+    assert!(
+        offsets.len() * 4 < sample.len() * 3,
+        "{} networks share {} records",
+        sample.len(),
+        offsets.len()
+    );
+    let geoip = MaxMind::open(database("GeoLite2-City.mmdb")).unwrap();
+    let keys: Vec<IpAddr> = sample.iter().map(|s| s.0).collect();
+    let reversed: Vec<IpAddr> = keys.iter().rev().copied().collect();
+    let first = geoip.lookup(&keys).await.unwrap();
+    let mut second = geoip.lookup(&reversed).await.unwrap();
+    second.reverse();
+    for ((addr, country, city, latitude), (a, b)) in sample.iter().zip(first.iter().zip(&second)) {
+        let got = a.clone().unwrap_or_default();
+        assert_eq!(
+            (&*got.country_code, &*got.city, got.latitude),
+            (country.as_str(), city.as_str(), *latitude),
+            "{addr}"
+        );
+        assert_eq!(a, b, "{addr} asked again");
+    }
+}
+
 #[test]
 fn private_loopback_and_documentation_addresses_are_not_located() {
     let geoip = MaxMind::open(database("GeoLite2-City.mmdb")).unwrap();

@@ -28,18 +28,22 @@ pub struct SinkError {
 impl SinkError {
     /// A failure that may go away (retried).
     pub fn transient(source: impl Into<BoxError>) -> Self {
-        Self {
-            kind: ErrorKind::Transient,
-            source: source.into(),
-        }
+        Self::new(ErrorKind::Transient, source.into())
     }
 
     /// A failure that will not go away by retrying (stops the pipeline).
     pub fn permanent(source: impl Into<BoxError>) -> Self {
-        Self {
-            kind: ErrorKind::Permanent,
-            source: source.into(),
-        }
+        Self::new(ErrorKind::Permanent, source.into())
+    }
+
+    /// A sink error of `kind`; a `source` that is itself a sink error gives up its cause, so
+    /// that a stage re-classifying a sink's failure does not say "sink error" twice.
+    fn new(kind: ErrorKind, source: BoxError) -> Self {
+        let source = match source.downcast::<SinkError>() {
+            Ok(inner) => inner.source,
+            Err(source) => source,
+        };
+        Self { kind, source }
     }
 
     /// Whether the write may be retried.
@@ -130,5 +134,23 @@ impl PipelineError {
     /// Whether this error only follows from another stage's failure.
     pub fn is_secondary(&self) -> bool {
         matches!(self, PipelineError::DownstreamClosed { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sink_error_wrapped_again_names_its_cause_once() {
+        let inner = SinkError::transient("clickhouse: connection refused");
+        let outer = SinkError::permanent(BoxError::from(inner));
+        assert_eq!(
+            outer.to_string(),
+            "Permanent sink error: clickhouse: connection refused"
+        );
+        assert!(!outer.is_transient());
+        let plain = SinkError::transient("timeout");
+        assert_eq!(plain.to_string(), "Transient sink error: timeout");
     }
 }
