@@ -262,9 +262,7 @@ impl Lookup for MaxMind {
 
     async fn lookup(&self, keys: &[IpAddr]) -> Result<Vec<Option<Geo>>, LookupError> {
         let loaded = self.current();
-        keys.iter()
-            .map(|&addr| locate(&loaded, addr))
-            .collect()
+        keys.iter().map(|&addr| locate(&loaded, addr)).collect()
     }
 
     fn generation(&self) -> u64 {
