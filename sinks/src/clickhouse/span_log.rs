@@ -130,7 +130,7 @@ impl SpanLog for ClickHouseSpanLog {
                     let outcome = self
                         .insert(&queued)
                         .await
-                        .map_err(|e| (e.is_transient(), e.to_string()));
+                        .map_err(|e| (e.is_transient(), e.source.to_string()));
                     for (_, tx) in queued {
                         let _ = tx.send(outcome.clone());
                     }
