@@ -157,8 +157,8 @@ fn viewer_address(addr: &str) -> Option<std::net::IpAddr> {
 /// Viewer geography for `connection_events`, asked in-line by the decode workers (one clone
 /// each). The database is local and memory-mapped, and [`MaxMind`] decodes each of its
 /// records once, so a lookup costs a fraction of a microsecond: less than what an enrich stage
-/// of its own would add (each row owned to wait for it, a queue hop, an encode stage; about
-/// 0.7 CPU s per million records more, measured in `sluice run --drain`).
+/// of its own would add (each row owned to wait for it, a queue hop, an encode stage; 0.56 CPU s
+/// per million records more in `sluice run --drain`, medians of six alternating runs, README).
 #[derive(Clone)]
 pub struct ViewerGeo {
     db: std::sync::Arc<MaxMind>,
