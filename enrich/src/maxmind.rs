@@ -56,8 +56,8 @@ pub struct MaxMind {
     checked: Mutex<Instant>,
 }
 
-/// Decoded records kept per open database (a City database's records for the addresses seen;
-/// about 100 bytes each).
+/// Decoded records kept per open database (a City database's records for the addresses seen:
+/// a country code, a city name and two coordinates each).
 const RECORDS: usize = 65_536;
 
 struct Loaded {

@@ -649,7 +649,7 @@ async fn validate<S: Settings>(config: &Config<S>, build: Build<S>) -> Result<Ex
 /// decompression buffer and Native column was mapped fresh and faulted in page by page (7% of
 /// the worker's CPU in page faults); at 2 MiB, with 8 MiB kept at an arena's top before it is
 /// trimmed, a 1M-record drain took 3.5–4.4 instead of 4.5–5.3 CPU s and peaked at 143–205
-/// instead of 120–147 MB (`sluice bench`, alternating, 2-core AMD EPYC). Must run before the
+/// instead of 120–147 MB (`d3ffa18` against `155e658`, alternating, 2-core AMD EPYC). Must run before the
 /// runtime starts its threads.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
