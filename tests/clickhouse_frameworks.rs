@@ -390,33 +390,28 @@ async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
     b.ack();
 }
 
-#[tokio::test]
-async fn viewer_metrics_5m_is_exact_under_many_small_inserts() {
-    let client = fresh_database().await;
-    let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 0));
-    let mut sink = sink::<ViewerMetricRow<'static>>(&client, "viewer_metrics");
-    let mut offset = 0i64;
-    for chunk in 0..40usize {
-        let rows: Vec<ViewerMetricRow<'static>> = (0..25usize)
-            .map(|j| {
-                let i = chunk * 25 + j;
-                let mut v = match routed(i % 900, "client-lifecycle", &format!(
-                    r#"{{"internal_name":"s{}","node_id":"n{}","packets_sent":"{}","packets_lost":"{}","buffer_health":"0.{}"}}"#,
-                    i % 3, i % 2, 100 + i, i % 17, i % 10
-                ), 1)
-                {
-                    TableRow::ViewerMetric(v) => v,
-                    other => panic!("{other:?}"),
-                };
-                v.viewer_count = (i % 7) as u32 + 1;
-                v
-            })
-            .collect();
-        let b = batch(&ledger, offset, encoded::<ViewerMetricRow<'static>>(&rows));
-        offset += 25;
-        sink.write(&b).await.expect("insert");
-        b.ack();
-    }
+/// Rows `from..from + n` of a `viewer_metrics` series over three streams, two nodes and
+/// several five-minute windows.
+fn viewer_rows(from: usize, n: usize) -> Vec<ViewerMetricRow<'static>> {
+    (from..from + n)
+        .map(|i| {
+            let mut v = match routed(i % 900, "client-lifecycle", &format!(
+                r#"{{"internal_name":"s{}","node_id":"n{}","packets_sent":"{}","packets_lost":"{}","buffer_health":"0.{}"}}"#,
+                i % 3, i % 2, 100 + i, i % 17, i % 10
+            ), 1)
+            {
+                TableRow::ViewerMetric(v) => v,
+                other => panic!("{other:?}"),
+            };
+            v.viewer_count = (i % 7) as u32 + 1;
+            v
+        })
+        .collect()
+}
+
+/// `viewer_metrics_5m` as text, and the same figures aggregated straight from
+/// `viewer_metrics`: equal when the view holds every row of the table once.
+async fn five_minute_figures(client: &Client) -> (String, String) {
     let cols = "toString(timestamp_5m), toString(tenant_id), internal_name, toString(node_id), peak_viewers, round(avg_viewers, 3), unique_countries, unique_cities, round(avg_connection_quality, 3), round(avg_buffer_health, 3)";
     let tsv = |sql: String| {
         let client = client.clone();
@@ -442,6 +437,23 @@ async fn viewer_metrics_5m_is_exact_under_many_small_inserts() {
              toFloat32(avg(buffer_health)) AS avg_buffer_health FROM viewer_metrics GROUP BY timestamp_5m, tenant_id, internal_name, node_id) ORDER BY 1, 2, 3, 4"
     ))
     .await;
+    (view, direct)
+}
+
+#[tokio::test]
+async fn viewer_metrics_5m_is_exact_under_many_small_inserts() {
+    let client = fresh_database().await;
+    let ledger = PartitionLedger::new(TopicPartition::new("analytics_events", 0));
+    let mut sink = sink::<ViewerMetricRow<'static>>(&client, "viewer_metrics");
+    let mut offset = 0i64;
+    for chunk in 0..40usize {
+        let rows = viewer_rows(chunk * 25, 25);
+        let b = batch(&ledger, offset, encoded::<ViewerMetricRow<'static>>(&rows));
+        offset += 25;
+        sink.write(&b).await.expect("insert");
+        b.ack();
+    }
+    let (view, direct) = five_minute_figures(&client).await;
     assert!(
         view.lines().count() > 6,
         "several keys and windows:\n{view}"
@@ -772,6 +784,109 @@ async fn a_replayed_batch_that_did_not_land_is_written_whole_though_the_table_ho
         !err.is_transient() && err.to_string().contains("sluice_landed_stream_events"),
         "{err}"
     );
+}
+
+/// `spans` as the spans of one batch of `items` items cut across partitions.
+fn one_batch(spans: Vec<SourceSpan>, items: u64) -> Vec<SourceSpan> {
+    let named = sluice_pipeline::BatchRef::of(&spans, items);
+    spans
+        .into_iter()
+        .map(|s| SourceSpan {
+            batch: Some(named),
+            ..s
+        })
+        .collect()
+}
+
+/// Rows landed under `token` in `table`, as its landing view recorded them.
+async fn landed_under(client: &Client, table: &str, token: &str) -> u64 {
+    client
+        .query("SELECT sum(rows) FROM sluice_batch_landings WHERE target_table = ? AND token = ?")
+        .bind(table)
+        .bind(token)
+        .fetch_one()
+        .await
+        .expect("landings")
+}
+
+/// ClickHouse crashed during a batch's insert after committing the table's part and before
+/// its views' (the landing and `viewer_metrics_5m`'s states), and the worker died before its
+/// retry: the state is made here by inserting the batch with both views detached. Rebuilt
+/// from its redelivered spans, the batch is inserted whole under its token again: the table
+/// drops the repeat, the views take it, once, however often it comes.
+#[tokio::test]
+async fn a_rebuilt_batch_fills_the_views_an_interrupted_insert_left_without_it() {
+    let client = fresh_database().await;
+    let mut sink = sink::<ViewerMetricRow<'static>>(&client, "viewer_metrics");
+    sink.check().await.expect("the table and its landing view");
+    let rows = encoded::<ViewerMetricRow<'static>>(&viewer_rows(0, 60));
+    let spans = one_batch(vec![span(0, 100, 35, None), span(1, 40, 25, None)], 60);
+    let first = Batch::unacked(rows.clone()).with_spans(spans.clone());
+    let token = sluice_sinks::batch_token("viewer_metrics", &first);
+
+    let views = ["viewer_metrics_5m_mv", "sluice_landed_viewer_metrics"];
+    for view in views {
+        client
+            .query(&format!("DETACH TABLE {view}"))
+            .execute()
+            .await
+            .expect("detach");
+    }
+    sink.write(&first).await.expect("the interrupted insert");
+    for view in views {
+        client
+            .query(&format!("ATTACH TABLE {view}"))
+            .execute()
+            .await
+            .expect("attach");
+    }
+    assert_eq!(count(&client, "viewer_metrics").await, 60);
+    assert_eq!(count(&client, "viewer_metrics_5m_states").await, 0);
+    assert_eq!(landed_under(&client, "viewer_metrics", &token).await, 0);
+
+    let rebuilt = || {
+        Batch::unacked(rows.clone())
+            .with_spans(spans.clone())
+            .with_delivery(Delivery::Rebuilt)
+    };
+    sink.write(&rebuilt()).await.expect("the rebuilt batch");
+    assert_eq!(count(&client, "viewer_metrics").await, 60, "the table once");
+    assert_eq!(landed_under(&client, "viewer_metrics", &token).await, 60);
+    let (view, direct) = five_minute_figures(&client).await;
+    assert!(view.lines().count() > 3, "several keys:\n{view}");
+    assert_eq!(view, direct, "the view holds every row once");
+    let states = count(&client, "viewer_metrics_5m_states").await;
+
+    sink.write(&rebuilt()).await.expect("rebuilt again");
+    assert_eq!(count(&client, "viewer_metrics").await, 60);
+    assert_eq!(count(&client, "viewer_metrics_5m_states").await, states);
+    assert_eq!(five_minute_figures(&client).await, (view, direct));
+}
+
+/// A worker that could not rebuild a batch (its other partition was elsewhere) wrote its own
+/// span alone, and died before committing; the next owner of both partitions rebuilds the
+/// batch whole. The span written alone is not written again: only the other one is.
+#[tokio::test]
+async fn a_rebuilt_batch_whose_span_was_written_alone_writes_only_the_rest() {
+    let client = fresh_database().await;
+    let mut sink =
+        sink::<StreamEventRow<'static>>(&client, "stream_events").check_range("timestamp");
+    sink.check().await.expect("the table and its landing view");
+    let rows = encoded::<StreamEventRow<'static>>(&stream_events(10));
+    let spans = one_batch(vec![span(0, 0, 6, None), span(1, 0, 4, None)], 10);
+    let alone = Batch::unacked(rows[..6].to_vec())
+        .with_spans(vec![spans[0].clone()])
+        .with_delivery(Delivery::Recovered);
+    sink.write(&alone).await.expect("partition 0's span alone");
+    assert_eq!(count(&client, "stream_events").await, 6);
+
+    let rebuilt = Batch::unacked(rows.clone())
+        .with_spans(spans.clone())
+        .with_delivery(Delivery::Rebuilt);
+    sink.write(&rebuilt).await.expect("the rebuilt batch");
+    assert_eq!(count(&client, "stream_events").await, 10, "every row once");
+    sink.write(&rebuilt).await.expect("again");
+    assert_eq!(count(&client, "stream_events").await, 10);
 }
 
 /// The same encoded rows sent as RowBinary and as a Native block land as the same rows, every

@@ -49,6 +49,13 @@ pub enum Delivery {
     /// land. The items are the spans' items in the order of the spans, `items` of each
     /// ([`Batch::span_items`]).
     Recovered,
+    /// A batch cut across partitions, whole again from all its redelivered spans: an earlier
+    /// run may have written it under its identity, in whole or (if the sink crashed
+    /// meanwhile) in part, or written some of its spans alone as [`Delivery::Recovered`]
+    /// ones. A sink that finds none written alone writes it as it did the first time, so a
+    /// deduplicating one drops a repeat; else it writes it as a recovered batch. Its items
+    /// are laid out as a recovered batch's.
+    Rebuilt,
 }
 
 impl<T> Batch<T> {
@@ -112,7 +119,8 @@ impl<T> Batch<T> {
     }
 
     /// Each span with its items, for a batch whose items are its spans' in order (a
-    /// [`Delivery::Recovered`] one); `None` if the spans' counts do not add up to the items.
+    /// [`Delivery::Recovered`] or [`Delivery::Rebuilt`] one); `None` if the spans' counts do
+    /// not add up to the items.
     pub fn span_items(&self) -> Option<Vec<(&SourceSpan, &[T])>> {
         let mut rest = &self.items[..];
         let mut out = Vec::with_capacity(self.spans.len());

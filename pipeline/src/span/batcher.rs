@@ -248,6 +248,7 @@ impl<T> Batches<T> {
 mod tests {
     use super::super::core::CutKind;
     use super::super::io::{batches, name_the_batch};
+    use super::super::rebuild::Rebuilds;
     use super::super::{Rng, SourceSpan};
     use super::*;
     use crate::ack::PartitionLedger;
@@ -434,17 +435,29 @@ mod tests {
 
     impl Table {
         fn write(&mut self, batch: Batch<u32>) {
-            if batch.delivery() == Delivery::Recovered {
+            let recovery = |s: &SourceSpan| {
+                let b = s
+                    .batch
+                    .expect("a span cut across partitions names its batch");
+                Token::Recovery(b.id, s.tp.partition, s.window_key(), s.first, s.last)
+            };
+            // A rebuilt batch goes whole unless some span of it was written alone.
+            let recovered = match batch.delivery() {
+                Delivery::Recovered => true,
+                Delivery::Rebuilt => batch
+                    .spans()
+                    .iter()
+                    .any(|s| self.landed.contains(&recovery(s))),
+                _ => false,
+            };
+            if recovered {
                 let parts = batch
                     .span_items()
                     .expect("a recovered batch holds its spans' rows");
                 for (s, rows) in parts {
-                    let b = s
-                        .batch
-                        .expect("a span cut across partitions names its batch");
-                    let again =
-                        Token::Recovery(b.id, s.tp.partition, s.window_key(), s.first, s.last);
-                    if !self.landed.contains(&Token::Batch(b.id)) && self.landed.insert(again) {
+                    let b = s.batch.expect("checked above");
+                    if !self.landed.contains(&Token::Batch(b.id)) && self.landed.insert(recovery(s))
+                    {
                         self.written.extend(rows);
                     }
                 }
@@ -470,13 +483,21 @@ mod tests {
     }
 
     /// Several partitions' records, cut (across partitions or not) and logged, written or not
-    /// until a crash; then redelivered from a committed offset per partition and cut in the
-    /// same or the other mode, to the end: every item lands exactly once. Partitions hold
+    /// until a crash; then redelivered from a committed offset per partition, cut in the same
+    /// or the other mode, until a second crash; then again, to the end: every item lands
+    /// exactly once. Redelivered spans of batches cut across partitions wait to be rebuilt,
+    /// or give up waiting at random moments (a partition gone elsewhere). Partitions hold
     /// equal items (the same event published to each), which must all land.
     #[test]
     fn redelivered_records_land_once_when_batches_were_cut_across_partitions() {
         const PARTS: i32 = 3;
-        for (across1, across2) in [(true, true), (true, false), (false, true)] {
+        let modes = [
+            [true, true, true],
+            [true, false, true],
+            [false, true, true],
+            [true, true, false],
+        ];
+        for modes in modes {
             for seed in 1..200u64 {
                 let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5bd1);
                 let limits = limits(1 + rng.next(15) as usize);
@@ -490,11 +511,14 @@ mod tests {
                     .collect();
                 let mut log: Vec<SourceSpan> = Vec::new();
                 let mut table = Table::default();
-                // Emits cuts as the batcher does: fresh spans logged, then each batch written
-                // unless `lose` says the crash came first.
+                // Emits cuts as `SpanIo` does: fresh spans logged, spans of batches cut across
+                // partitions held until rebuilt, then each batch written unless `lose` says
+                // the crash came first.
                 let emit = |mut cuts: Vec<Cut<u32>>,
                             across: bool,
                             log: &mut Vec<SourceSpan>,
+                            rebuilds: &mut Rebuilds<u32>,
+                            give_up: bool,
                             table: &mut Table,
                             lose: &mut dyn FnMut() -> bool| {
                     if across {
@@ -505,7 +529,12 @@ mod tests {
                             .filter(|c| c.kind == CutKind::Fresh)
                             .map(|c| c.span.clone()),
                     );
-                    for batch in batches(cuts, across) {
+                    let (cuts, mut out) = rebuilds.gather(cuts, Instant::now());
+                    out.extend(batches(cuts, across));
+                    if give_up {
+                        out.extend(rebuilds.due(Instant::now() + Duration::from_secs(7200)));
+                    }
+                    for batch in out {
                         if !lose() {
                             table.write(batch);
                         }
@@ -521,6 +550,7 @@ mod tests {
                            log: &mut Vec<SourceSpan>,
                            table: &mut Table| {
                     let mut state = Batches::new(across);
+                    let mut rebuilds = Rebuilds::default();
                     let mut flip = Rng(rng.next(u64::MAX));
                     let crashes = crash_after < input.len();
                     let mut lose = move || crashes && flip.next(2) == 0;
@@ -534,10 +564,13 @@ mod tests {
                             ),
                             _ => {}
                         }
-                        emit(cuts, across, log, table, &mut lose);
+                        let give_up = rng.next(8) == 0;
+                        emit(cuts, across, log, &mut rebuilds, give_up, table, &mut lose);
                     }
                     if !crashes {
-                        emit(state.flush(true), across, log, table, &mut lose);
+                        // What still waits at the end never comes whole: it gives up waiting.
+                        let cuts = state.flush(true);
+                        emit(cuts, across, log, &mut rebuilds, true, table, &mut lose);
                     }
                 };
                 let interleave = |parts: Vec<Vec<Vec<(i64, u32)>>>, rng: &mut Rng| {
@@ -553,62 +586,59 @@ mod tests {
                     out
                 };
 
-                // Run 1, until a crash.
                 let tps: Vec<TopicPartition> =
                     (0..PARTS).map(|p| TopicPartition::new("t", p)).collect();
-                let ledgers: Vec<_> = tps
-                    .iter()
-                    .map(|tp| PartitionLedger::new(tp.clone()))
-                    .collect();
-                let parts = items.iter().map(|i| micro_batches(i, &mut rng)).collect();
-                let input = interleave(parts, &mut rng);
-                let crash_after = rng.next(input.len() as u64) as usize;
-                let recorded = (0..PARTS).map(|_| Some(Vec::new())).collect();
-                run(
-                    across1,
-                    input,
-                    &ledgers,
-                    recorded,
-                    crash_after,
-                    &mut rng,
-                    &mut log,
-                    &mut table,
-                );
-                let committed: Vec<i64> = ledgers
-                    .iter()
-                    .map(|l| rng.next(l.committable().unwrap_or(0) as u64 + 1) as i64)
-                    .collect();
-
-                // Run 2: redelivery from the committed offsets, to the end.
-                let ledgers: Vec<_> = tps
-                    .iter()
-                    .map(|tp| PartitionLedger::new(tp.clone()))
-                    .collect();
-                let recorded = tps
-                    .iter()
-                    .zip(&committed)
-                    .map(|(tp, &c)| {
-                        Some(
-                            log.iter()
-                                .filter(|s| &s.tp == tp && s.last >= c)
-                                .cloned()
-                                .collect(),
-                        )
-                    })
-                    .collect();
-                let parts = items
-                    .iter()
-                    .zip(&committed)
-                    .map(|(i, &c)| {
-                        let rest: Vec<_> = i.iter().copied().filter(|x| x.0 >= c).collect();
-                        micro_batches(&rest, &mut rng)
-                    })
-                    .collect();
-                let input = interleave(parts, &mut rng);
-                let n = input.len();
-                run(
-                    across2, input, &ledgers, recorded, n, &mut rng, &mut log, &mut table,
-                );
+                let mut committed = vec![0i64; PARTS as usize];
+                let mut ledgers = Vec::new();
+                for (round, &across) in modes.iter().enumerate() {
+                    let last = round + 1 == modes.len();
+                    ledgers = tps
+                        .iter()
+                        .map(|tp| PartitionLedger::new(tp.clone()))
+                        .collect();
+                    let recorded = tps
+                        .iter()
+                        .zip(&committed)
+                        .map(|(tp, &c)| {
+                            Some(
+                                log.iter()
+                                    .filter(|s| &s.tp == tp && s.last >= c)
+                                    .cloned()
+                                    .collect(),
+                            )
+                        })
+                        .collect();
+                    let parts = items
+                        .iter()
+                        .zip(&committed)
+                        .map(|(i, &c)| {
+                            let rest: Vec<_> = i.iter().copied().filter(|x| x.0 >= c).collect();
+                            micro_batches(&rest, &mut rng)
+                        })
+                        .collect();
+                    let input = interleave(parts, &mut rng);
+                    let crash_after = if last {
+                        input.len()
+                    } else {
+                        rng.next(input.len() as u64) as usize
+                    };
+                    run(
+                        across,
+                        input,
+                        &ledgers,
+                        recorded,
+                        crash_after,
+                        &mut rng,
+                        &mut log,
+                        &mut table,
+                    );
+                    if !last {
+                        for (c, l) in committed.iter_mut().zip(&ledgers) {
+                            let up_to = l.committable().unwrap_or(*c).max(*c);
+                            *c += rng.next((up_to - *c) as u64 + 1) as i64;
+                        }
+                    }
+                }
 
                 let mut written = table.written.clone();
                 written.sort_unstable();
@@ -616,7 +646,7 @@ mod tests {
                 expected.sort_unstable();
                 assert_eq!(
                     written, expected,
-                    "{across1}/{across2} seed {seed}: every item exactly once"
+                    "{modes:?} seed {seed}: every item exactly once"
                 );
                 for (l, i) in ledgers.iter().zip(&items) {
                     if i.last()
@@ -625,7 +655,7 @@ mod tests {
                         assert_eq!(
                             l.committable(),
                             Some(i.last().unwrap().0 + 1),
-                            "{across1}/{across2} seed {seed}: all acknowledged"
+                            "{modes:?} seed {seed}: all acknowledged"
                         );
                     }
                 }

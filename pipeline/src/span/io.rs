@@ -5,8 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::core::{Cut, CutKind};
+use super::rebuild::Rebuilds;
 use super::{BatchRef, SourceSpan, SpanLog};
 use crate::ack::{AckSet, TopicPartition};
 use crate::batch::{Batch, Delivery, InFlight};
@@ -58,9 +60,27 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
     {
         let (tx, mut rx) = mpsc::channel(1);
         let emitter = async {
-            while let Some((cuts, across)) = rx.recv().await {
-                self.emit(cuts, across).await?;
+            let mut rebuilds = Rebuilds::default();
+            loop {
+                let deadline = rebuilds.deadline();
+                let wait = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    got = rx.recv() => match got {
+                        Some((cuts, across)) => self.emit(cuts, across, &mut rebuilds).await?,
+                        None => break,
+                    },
+                    () = wait => {
+                        let late = rebuilds.due(Instant::now());
+                        self.send(late).await?;
+                    }
+                }
             }
+            rebuilds.abandon();
             Ok(())
         };
         let cuts = Cuts {
@@ -78,8 +98,14 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
     /// written under that batch's identity again: cut again whole, it goes out (with the
     /// other such spans) as a [`Delivery::Recovered`] batch, written only if its batch did
     /// not land; a tail is dropped, because redelivery that starts inside a span means its
-    /// batch was acknowledged, so written.
-    async fn emit(&self, mut cuts: Vec<Cut<T>>, across: bool) -> Result<(), PipelineError> {
+    /// batch was acknowledged, so written. Such spans first wait in `rebuilds` for the rest
+    /// of their batch: whole again, it goes out under its identity (see [`super::rebuild`]).
+    async fn emit(
+        &self,
+        mut cuts: Vec<Cut<T>>,
+        across: bool,
+        rebuilds: &mut Rebuilds<T>,
+    ) -> Result<(), PipelineError> {
         if cuts.is_empty() {
             return Ok(());
         }
@@ -105,13 +131,19 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
             metrics::histogram!(m::SPAN_RECORD_SECONDS, "stage" => self.stage.to_string())
                 .record(started.elapsed().as_secs_f64());
         }
-        let stage = self.stage.to_string();
         let replayed = cuts.len() - fresh.len();
         if replayed > 0 {
-            metrics::counter!(m::SPANS_REPLAYED, "stage" => stage.clone())
+            metrics::counter!(m::SPANS_REPLAYED, "stage" => self.stage.to_string())
                 .increment(replayed as u64);
         }
-        for batch in batches(cuts, across) {
+        let (cuts, mut out) = rebuilds.gather(cuts, Instant::now());
+        out.extend(batches(cuts, across));
+        self.send(out).await
+    }
+
+    async fn send(&self, batches: Vec<Batch<T>>) -> Result<(), PipelineError> {
+        let stage = self.stage.to_string();
+        for batch in batches {
             metrics::histogram!(m::BATCH_SIZE, "stage" => stage.clone()).record(batch.len() as f64);
             metrics::counter!(m::STAGE_ITEMS_OUT, "stage" => stage.clone())
                 .increment(batch.len() as u64);
@@ -215,7 +247,7 @@ pub(crate) fn batches<T>(cuts: Vec<Cut<T>>, across: bool) -> Vec<Batch<T>> {
 }
 
 /// Cuts of several partitions gathered into one batch.
-struct Merged<T> {
+pub(crate) struct Merged<T> {
     rows: Vec<T>,
     acks: AckSet,
     spans: Vec<SourceSpan>,
@@ -234,7 +266,7 @@ impl<T> Default for Merged<T> {
 impl<T> Merged<T> {
     /// Appends the cut's rows after those held: the batch's rows are its spans' rows in the
     /// order of its spans, `span.items` of each (see [`Batch::span_items`]).
-    fn add(&mut self, mut cut: Cut<T>) {
+    pub(crate) fn add(&mut self, mut cut: Cut<T>) {
         cut.span.items = cut.rows.len() as u64;
         if self.rows.is_empty() {
             self.rows = cut.rows;
@@ -245,7 +277,7 @@ impl<T> Merged<T> {
         self.spans.push(cut.span);
     }
 
-    fn into_batch(self) -> Option<Batch<T>> {
+    pub(crate) fn into_batch(self) -> Option<Batch<T>> {
         (!self.spans.is_empty()).then(|| Batch::new(self.rows, self.acks).with_spans(self.spans))
     }
 }

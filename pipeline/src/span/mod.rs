@@ -14,6 +14,7 @@
 mod batcher;
 mod core;
 mod io;
+mod rebuild;
 mod window;
 
 use std::collections::VecDeque;

@@ -180,6 +180,33 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
         query.bind(tokens).fetch_one().await.map_err(classify)
     }
 
+    /// Whether a [`Delivery::Rebuilt`](sluice_pipeline::Delivery::Rebuilt) batch may be
+    /// inserted whole under its batch's token, as it was the first time: unless a run that
+    /// could not rebuild it wrote some of its spans alone, under their recovery tokens (the
+    /// whole batch would hold those rows again). Whole, the table and each of its
+    /// materialised views drop what they already hold of it and take what they lack.
+    pub(crate) async fn may_write_whole(&self, batch: &Batch<T>) -> Result<bool, SinkError> {
+        let alone: Vec<String> = batch
+            .spans()
+            .iter()
+            .filter_map(|s| Some(recovery_token(&self.table, s.batch.as_ref()?, s)))
+            .collect();
+        if alone.len() != batch.spans().len() {
+            return Ok(false);
+        }
+        let mut tokens = alone.clone();
+        tokens.push(batch_token(&self.table, batch));
+        let running = self.running(&tokens).await?;
+        if running > 0 {
+            return Err(SinkError::transient(format!(
+                "{running} insert(s) of an earlier owner into `{}` still running; waiting for them before rebuilding their batch",
+                self.table
+            )));
+        }
+        let landed = self.landed(&alone).await?;
+        Ok(landed.values().all(|l| l.anywhere == 0))
+    }
+
     /// Writes the spans of a [`Delivery::Recovered`](sluice_pipeline::Delivery::Recovered)
     /// batch whose batch did not land (see [`ClickHouseSink`]).
     pub(crate) async fn write_recovered(&self, batch: &Batch<T>) -> Result<(), SinkError> {

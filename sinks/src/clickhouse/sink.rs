@@ -16,11 +16,14 @@ use super::token::batch_token;
 /// Every insert carries a deduplication token ([`batch_token`]), and the table's landing view
 /// ([`landing_view`](super::landing_view)) records in
 /// [`LANDINGS_TABLE`](super::LANDINGS_TABLE) how many rows landed under each token, in the
-/// same insert. After a crash, a [`Delivery::Recovered`] batch (redelivered records whose
-/// earlier batch also held other partitions' records) asks it whether that batch landed:
-/// spans of a batch that landed are skipped, spans of one that did not are inserted under a
-/// token of their own, whatever the rows contain (two records with identical rows are two
-/// rows).
+/// same insert. After a crash, a batch that held several partitions' records comes back
+/// whole when one worker got all of them again ([`Delivery::Rebuilt`]): it is inserted under
+/// its token once more, so the table and each of its materialised views keep what they hold
+/// of it and take what they lack (an insert cut short by a ClickHouse crash can leave a view
+/// without a block its table holds). Otherwise its spans come as a [`Delivery::Recovered`]
+/// batch, which asks the landings whether that batch landed: spans of a batch that landed
+/// are skipped, spans of one that did not are inserted under a token of their own, whatever
+/// the rows contain (two records with identical rows are two rows).
 ///
 /// An insert that ends without an answer (the connection dropped: ClickHouse crashed or the
 /// network failed mid-request) is retried with the same token and then checked row by row
@@ -144,8 +147,12 @@ where
     type Item = T;
 
     async fn write(&mut self, batch: &Batch<T>) -> Result<(), SinkError> {
-        if batch.delivery() == Delivery::Recovered {
-            return self.write_recovered(batch).await;
+        match batch.delivery() {
+            Delivery::Recovered => return self.write_recovered(batch).await,
+            Delivery::Rebuilt if !self.may_write_whole(batch).await? => {
+                return self.write_recovered(batch).await;
+            }
+            _ => {}
         }
         let token = batch_token(&self.table, batch);
         if let Err(e) = self
@@ -161,7 +168,7 @@ where
         // A span cut again whole may have been in flight when ClickHouse crashed in an earlier
         // run: unless its landing shows it whole, compare rows.
         let check = interrupted
-            || (batch.delivery() == Delivery::Redelivered
+            || (matches!(batch.delivery(), Delivery::Redelivered | Delivery::Rebuilt)
                 && self
                     .landed(std::slice::from_ref(&token))
                     .await?
