@@ -863,6 +863,133 @@ async fn a_rebuilt_batch_fills_the_views_an_interrupted_insert_left_without_it()
     assert_eq!(five_minute_figures(&client).await, (view, direct));
 }
 
+/// The nodes of `scripts/services.sh up cluster` (2 shards x 2 replicas), by HTTP URL.
+const CLUSTER_NODES: [&str; 4] = [
+    "http://127.0.0.1:8201",
+    "http://127.0.0.1:8202",
+    "http://127.0.0.1:8203",
+    "http://127.0.0.1:8204",
+];
+
+/// The same on the cluster (sharded layout), where it was found: node 4 (shard 2, replica 2)
+/// stopped during an insert through `Distributed` after committing its table's part and
+/// before its views', and the worker died before its retry. The rebuilt batch, inserted whole
+/// through `Distributed` again, fills node 4's views and doubles nothing on the other nodes.
+#[tokio::test]
+async fn a_rebuilt_batch_fills_the_views_one_replica_missed() {
+    if std::env::var("SLUICE_CLUSTER").map_or(true, |v| v != "up") {
+        eprintln!("skipped: the ClickHouse cluster is not up (SLUICE_CLUSTER=up)");
+        return;
+    }
+    let db = unique("fw_rebuild");
+    let config = sluice_worker::ClickHouseConfig {
+        host: CLUSTER_NODES[0].into(),
+        database: db.clone(),
+        cluster: Some("sluice_cluster".into()),
+        layout: sluice_sinks::Layout::Sharded,
+        nodes: CLUSTER_NODES.map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let tables = ["viewer_metrics".to_string()];
+    sluice_worker::migrate::ClickHousePlan {
+        scope: "frameworks",
+        migrations: CLICKHOUSE_MIGRATIONS,
+        tables: &tables,
+        cluster: Some("sluice_cluster"),
+        layout: sluice_sinks::Layout::Sharded,
+    }
+    .apply(&config)
+    .await
+    .expect("migrate");
+    let at = |i: usize| {
+        Client::default()
+            .with_url(CLUSTER_NODES[i])
+            .with_database(&db)
+    };
+    let mut sink = sink::<ViewerMetricRow<'static>>(&at(0), "viewer_metrics")
+        .cluster("sluice_cluster", sluice_sinks::Layout::Sharded);
+    sink.check().await.expect("the table and its landing view");
+    let rows = encoded::<ViewerMetricRow<'static>>(&viewer_rows(0, 120));
+    let spans = one_batch(vec![span(0, 100, 70, None), span(1, 40, 50, None)], 120);
+    let first = Batch::unacked(rows.clone()).with_spans(spans.clone());
+
+    let views: Vec<String> = at(3)
+        .query("SELECT name FROM system.tables WHERE database = currentDatabase() AND engine = 'MaterializedView' ORDER BY name")
+        .fetch_all()
+        .await
+        .expect("views");
+    assert_eq!(
+        views.len(),
+        2,
+        "the landing and the five-minute view: {views:?}"
+    );
+    for view in &views {
+        at(3)
+            .query(&format!("DETACH TABLE `{view}`"))
+            .execute()
+            .await
+            .expect("detach");
+    }
+    sink.write(&first).await.expect("the interrupted insert");
+    for view in &views {
+        at(3)
+            .query(&format!("ATTACH TABLE `{view}`"))
+            .execute()
+            .await
+            .expect("attach");
+    }
+    // Merged five-minute states and table rows of one node.
+    let node = |i: usize| {
+        let client = at(i);
+        async move {
+            let states: (u64, u64) = client
+                .query(
+                    "SELECT count(), sum(cityHash64(timestamp_5m, internal_name, node_id, p, round(a, 3))) \
+                     FROM (SELECT timestamp_5m, internal_name, node_id, maxMerge(peak_viewers_state) AS p, \
+                     avgMerge(avg_viewers_state) AS a FROM viewer_metrics_5m_states_local GROUP BY ALL)",
+                )
+                .fetch_one()
+                .await
+                .expect("states");
+            let rows: u64 = client
+                .query("SELECT count() FROM viewer_metrics_local")
+                .fetch_one()
+                .await
+                .expect("rows");
+            (rows, states)
+        }
+    };
+    let (shard2, missed) = (node(2).await, node(3).await);
+    assert!(
+        shard2.0 > 10 && shard2.1.0 > 0,
+        "shard 2 holds rows: {shard2:?}"
+    );
+    assert_eq!(missed.0, shard2.0, "node 4's table holds shard 2's rows");
+    assert_eq!(missed.1.0, 0, "node 4's view missed them");
+
+    let before = vec![node(0).await, node(1).await, shard2];
+    let rebuilt = || {
+        Batch::unacked(rows.clone())
+            .with_spans(spans.clone())
+            .with_delivery(Delivery::Rebuilt)
+    };
+    for _ in 0..2 {
+        sink.write(&rebuilt()).await.expect("the rebuilt batch");
+        assert_eq!(node(3).await, shard2, "node 4 as node 3, its views filled");
+        let others = [node(0).await, node(1).await, node(2).await];
+        assert_eq!(others.to_vec(), before, "nothing doubled elsewhere");
+    }
+    assert_eq!(count(&at(0), "viewer_metrics").await, 120);
+    let (view, direct) = five_minute_figures(&at(0)).await;
+    assert_eq!(view, direct, "viewer_metrics_5m through Distributed");
+    for i in 0..CLUSTER_NODES.len() {
+        let _ = at(i)
+            .query(&format!("DROP DATABASE IF EXISTS `{db}` SYNC"))
+            .execute()
+            .await;
+    }
+}
+
 /// A worker that could not rebuild a batch (its other partition was elsewhere) wrote its own
 /// span alone, and died before committing; the next owner of both partitions rebuilds the
 /// batch whole. The span written alone is not written again: only the other one is.

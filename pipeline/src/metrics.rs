@@ -25,6 +25,9 @@ pub const SPAN_RECORD_SECONDS: &str = "sluice_span_record_seconds";
 pub const RECORD_AGE_SECONDS: &str = "sluice_record_age_seconds";
 /// Batches a span batcher cut again along a recorded span, after a redelivery (label `stage`).
 pub const SPANS_REPLAYED: &str = "sluice_spans_replayed_total";
+/// Batches cut across partitions whose redelivered spans went out again (labels `stage`,
+/// `result`: `rebuilt` whole, or `alone` when the rest of the batch did not come).
+pub const BATCHES_REBUILT: &str = "sluice_batches_rebuilt_total";
 /// Records fetched from Kafka (labels `topic`, `partition`).
 pub const SOURCE_RECORDS: &str = "sluice_source_records_total";
 /// Last committed offset (labels `topic`, `partition`).

@@ -144,6 +144,15 @@ impl<T: Send + 'static, L: SpanLog> SpanIo<T, L> {
     async fn send(&self, batches: Vec<Batch<T>>) -> Result<(), PipelineError> {
         let stage = self.stage.to_string();
         for batch in batches {
+            let result = match batch.delivery() {
+                Delivery::Rebuilt => Some("rebuilt"),
+                Delivery::Recovered => Some("alone"),
+                Delivery::Fresh | Delivery::Redelivered => None,
+            };
+            if let Some(result) = result {
+                metrics::counter!(m::BATCHES_REBUILT, "stage" => stage.clone(), "result" => result)
+                    .increment(1);
+            }
             metrics::histogram!(m::BATCH_SIZE, "stage" => stage.clone()).record(batch.len() as f64);
             metrics::counter!(m::STAGE_ITEMS_OUT, "stage" => stage.clone())
                 .increment(batch.len() as u64);
