@@ -74,10 +74,21 @@ async fn lag_and_committed_offsets_show_from_assignment_on_while_windows_hold_th
         assert!(Instant::now() < deadline, "the worker writes ({rows} rows)");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (status, metrics) = http_get(addr, "/metrics").await;
-    assert_eq!(status, 200);
-    let lag = gauge(&metrics, "sluice_consumer_lag");
-    let committed = gauge(&metrics, "sluice_committed_offset");
+    // The gauges are set on the commit tick (every second): wait for one with every
+    // partition (a single read right after the rows showed up once found none yet).
+    let every = (0..partitions).collect::<Vec<_>>();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (metrics, lag, committed) = loop {
+        let (status, metrics) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        let lag = gauge(&metrics, "sluice_consumer_lag");
+        let committed = gauge(&metrics, "sluice_committed_offset");
+        let all = |g: &BTreeMap<i32, f64>| g.keys().copied().collect::<Vec<_>>() == every;
+        if (all(&lag) && all(&committed)) || Instant::now() > deadline {
+            break (metrics, lag, committed);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let held = gauge(&metrics, "sluice_window_held_records");
     worker.kill().expect("stop");
     worker.wait().expect("reap");
