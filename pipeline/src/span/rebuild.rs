@@ -287,6 +287,26 @@ mod tests {
         assert_eq!(f.ledgers[1].committable(), Some(22));
     }
 
+    /// A window stage's spans count the records they aggregate; its batches count rows.
+    #[test]
+    fn a_batch_of_aggregates_is_whole_when_its_rows_are() {
+        let f = Fixture::with_items(2);
+        let mut r = Rebuilds::default();
+        let now = Instant::now();
+        let aggregate = |p: usize| {
+            let mut cut = f.cut(p, CutKind::Whole);
+            cut.span.window = Some(1_800_000_000);
+            cut.rows.truncate(1);
+            cut
+        };
+        let (_, out) = r.gather(vec![aggregate(0)], now);
+        assert!(out.is_empty(), "1 of 2 rows (3 records): waits");
+        let (_, out) = r.gather(vec![aggregate(1)], now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].delivery(), Delivery::Rebuilt);
+        assert_eq!(out[0].items, vec![10, 20]);
+    }
+
     #[test]
     fn a_tail_of_the_batch_sends_its_waiting_spans_on_their_own() {
         let f = Fixture::new();
