@@ -815,10 +815,11 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     /// `limits.max_linger` (or until they hold `limits.max_rows` rows) and leave as one batch
     /// naming all their spans (each marked [`SourceSpan::across`](crate::SourceSpan::across)): one write per
     /// linger when many windows close at once (a backlog), instead of one per window and
-    /// partition. Replays of such spans leave as [`Delivery::Recovered`](crate::Delivery::Recovered) batches (see
-    /// [`Flow::batch_spans_across`]), checked row by row against what the sink holds, so no
-    /// two windows' rows may be identical: sums often are, so mark rows with their source
-    /// ([`WindowAggregate::stamp`](crate::span::WindowAggregate::stamp)).
+    /// partition. Replays of such spans are rebuilt into their batch or, when the rest of it
+    /// does not come, leave as [`Delivery::Recovered`](crate::Delivery::Recovered) batches
+    /// (see [`Flow::batch_spans_across`]), which may be checked row by row against what the
+    /// sink holds, so no two windows' rows may be identical: sums often are, so mark rows with
+    /// their source ([`WindowAggregate::stamp`](crate::span::WindowAggregate::stamp)).
     pub fn window_across<A, L>(
         self,
         stage: impl Into<Stage>,
@@ -911,10 +912,13 @@ impl<T: Send + 'static> Flow<crate::span::Sourced<T>> {
     /// whatever the number of partitions. Each batch names one span per partition
     /// ([`Batch::spans`]), each marked [`SourceSpan::across`](crate::SourceSpan::across).
     ///
-    /// Such a batch cannot be cut again after a crash, because its other partitions may go to
-    /// other workers: redelivered records whose span was recorded go out as
-    /// [`Delivery::Recovered`](crate::Delivery::Recovered) batches (written only if their batch did not land), or, when redelivery
-    /// starts inside a span (its batch was acknowledged), are not written again.
+    /// After a crash, redelivered records whose span was recorded are cut along it again, and
+    /// the spans of one batch wait (up to 10 s) for each other: whole again, they leave as a
+    /// [`Delivery::Rebuilt`](crate::Delivery::Rebuilt) batch, written as the batch was the
+    /// first time; when the rest does not come (its partitions went to other workers), as
+    /// [`Delivery::Recovered`](crate::Delivery::Recovered) batches, written only if their
+    /// batch did not land. When redelivery starts inside a span (its batch was acknowledged),
+    /// its records are not written again.
     pub fn batch_spans_across<F, L>(
         self,
         stage: impl Into<Stage>,

@@ -6,10 +6,11 @@
 //! Two stages cut spans, on one core ([`core`]): the span batcher ([`batcher`], rows as they
 //! come) and the window stage ([`window`], aggregates per event-time window). Cut across
 //! partitions instead ([`Flow::batch_spans_across`](crate::Flow::batch_spans_across)), a batch
-//! holds one span per partition; a replay cannot rebuild it, so each of its spans is recorded
-//! with the batch's identity ([`BatchRef`]), and redelivered spans of it leave as
-//! [`Delivery::Recovered`](crate::Delivery::Recovered) batches: the sink writes a span's items
-//! only if that batch did not land.
+//! holds one span per partition; a replay cannot cut it again, so each of its spans is recorded
+//! with the batch's identity ([`BatchRef`]). Its redelivered spans wait for each other
+//! ([`rebuild`]) and leave whole as a [`Delivery::Rebuilt`](crate::Delivery::Rebuilt) batch,
+//! or, when the rest does not come, as [`Delivery::Recovered`](crate::Delivery::Recovered)
+//! batches: the sink writes a span's items only if that batch did not land.
 
 mod batcher;
 mod core;
