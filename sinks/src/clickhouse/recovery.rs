@@ -180,6 +180,20 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
         query.bind(tokens).fetch_one().await.map_err(classify)
     }
 
+    /// A transient error while an insert under any of `tokens` is running: an earlier owner
+    /// killed after sending the whole body, with ClickHouse still at it. Its batch is waited
+    /// for rather than taken for lost.
+    async fn none_running(&self, tokens: &[String]) -> Result<(), SinkError> {
+        let running = self.running(tokens).await?;
+        if running > 0 {
+            return Err(SinkError::transient(format!(
+                "{running} insert(s) of an earlier owner into `{}` still running; waiting for them before replaying their batches",
+                self.table
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether a [`Delivery::Rebuilt`](sluice_pipeline::Delivery::Rebuilt) batch may be
     /// inserted whole under its batch's token, as it was the first time: unless a run that
     /// could not rebuild it wrote some of its spans alone, under their recovery tokens (the
@@ -196,13 +210,7 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
         }
         let mut tokens = alone.clone();
         tokens.push(batch_token(&self.table, batch));
-        let running = self.running(&tokens).await?;
-        if running > 0 {
-            return Err(SinkError::transient(format!(
-                "{running} insert(s) of an earlier owner into `{}` still running; waiting for them before rebuilding their batch",
-                self.table
-            )));
-        }
+        self.none_running(&tokens).await?;
         let landed = self.landed(&alone).await?;
         Ok(landed.values().all(|l| l.anywhere == 0))
     }
@@ -231,15 +239,7 @@ impl<T, E: Encoder<Item = T>> ClickHouseSink<T, E> {
             .collect();
         let landed = self.landed(&tokens).await?;
         let landed = |token: &str| landed.get(token).copied().unwrap_or_default();
-        // An earlier owner's insert may still be running (it was killed after sending the
-        // whole body, and ClickHouse is slow): wait for it rather than take its batch for lost.
-        let running = self.running(&tokens).await?;
-        if running > 0 {
-            return Err(SinkError::transient(format!(
-                "{running} insert(s) of an earlier owner into `{}` still running; waiting for them before replaying their batches",
-                self.table
-            )));
-        }
+        self.none_running(&tokens).await?;
         for (span, rows) in parts {
             if rows.is_empty() {
                 continue;
