@@ -26,7 +26,10 @@ export CLICKHOUSE_URL=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
 export DATABASE_URL=${DATABASE_URL:-postgres://sluice:sluice@127.0.0.1:5432/sluice}
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# A hung test fails the run with its stacks instead of running into CI's limit.
+scripts/watchdog.sh "${CARGO_TARGET_DIR:-target}" "${SLUICE_TEST_HANG_SECS:-900}" &
+watchdog=$!
+trap 'kill "$watchdog" 2>/dev/null; rm -f "$log"' EXIT
 set +e
 cargo test --workspace --locked "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}

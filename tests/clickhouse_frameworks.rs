@@ -340,9 +340,7 @@ async fn rows_lost_behind_a_kept_deduplication_record_are_restored() {
         .trim_end_matches('/')
         .parse()
         .expect("CLICKHOUSE_URL is http://IP:PORT");
-    let proxy_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port");
+    let proxy_addr = sluice_testkit::net::free_addr();
     let proxy = sluice_testkit::net::TcpProxy::start(proxy_addr, ch);
     let via_proxy = client.clone().with_url(format!("http://{proxy_addr}"));
     let mut sink =

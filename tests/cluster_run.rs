@@ -204,16 +204,9 @@ impl Drop for Restart {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// A worker with its health endpoint on a free port and its log (info) in a file.
 fn spawn_with_health(s: &Setup) -> (std::process::Child, SocketAddr, std::path::PathBuf) {
-    let port = free_port();
+    let port = sluice_testkit::net::free_addr().port();
     let log = std::env::temp_dir().join(format!("{}.log", sluice_testkit::unique("cluster_w")));
     let mut env = as_refs(&s.env);
     let port_s = port.to_string();
@@ -320,11 +313,8 @@ async fn a_replica_down_for_30_s_leaves_the_cluster_exact() {
         .await
         .expect("the second worker's metrics");
     sigterm(second.id());
-    assert!(
-        second.wait().expect("stop").success(),
-        "{}",
-        log_of(&second_log)
-    );
+    let status = sluice_testkit::exit_within(&mut second, Duration::from_secs(120), "the worker");
+    assert!(status.success(), "{}", log_of(&second_log));
     let second_text = log_of(&second_log);
     let rebuilt = second_text
         .matches("rebuilt a batch cut across partitions")

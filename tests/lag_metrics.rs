@@ -38,10 +38,7 @@ async fn lag_and_committed_offsets_show_from_assignment_on_while_windows_hold_th
     let topic = unique("lag");
     create_topic(&topic, partitions).await;
     let (group, db) = (unique("lag_group"), unique("lag_db"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = sluice_testkit::net::free_addr().port();
     let env = vec![
         ("KAFKA_TOPICS".to_owned(), topic.clone()),
         ("KAFKA_GROUP_ID".to_owned(), group.clone()),

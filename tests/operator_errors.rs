@@ -10,16 +10,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{as_refs, assert_ok, command, config_path, sigterm, sluice, total_rows, write_config};
-use sluice_testkit::net::TcpProxy;
+use sluice_testkit::net::{TcpProxy, free_addr};
 use sluice_testkit::{
     committed_offsets, create_pg_database, create_topic, drop_pg_database, try_http_get, unique,
 };
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
 
 fn stderr_of(out: &std::process::Output) -> String {
     format!(
@@ -265,7 +259,8 @@ async fn unreachable_services_at_start_are_waited_for_and_secrets_stay_hidden() 
     let (_, metrics) = try_http_get(health, "/metrics").await.expect("metrics");
     texts.push(metrics);
     sigterm(worker.id());
-    assert!(worker.wait().expect("reap").success());
+    let status = sluice_testkit::exit_within(&mut worker, Duration::from_secs(60), "the worker");
+    assert!(status.success(), "{status}");
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         log_text.contains("DEBUG"),

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::analytics::Setup;
 use common::{as_refs, command, sigterm, total_rows};
-use sluice_testkit::net::{PrivateBroker, TcpProxy};
+use sluice_testkit::net::{PrivateBroker, TcpProxy, free_addr};
 use sluice_testkit::{rss_of, services, try_http_get, unique};
 
 const EVENTS: usize = 500_000;
@@ -157,17 +157,9 @@ impl Worker {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outages_during_a_steady_run_lose_and_double_nothing() {
-    let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let (broker_addr, proxy_addr, health) = (at(free_port()), at(free_port()), at(free_port()));
+    let (broker_addr, proxy_addr, health) = (free_addr(), free_addr(), free_addr());
     let _broker = PrivateBroker::start(broker_addr, proxy_addr);
     let proxy = TcpProxy::start(proxy_addr, broker_addr);
     // SAFETY: set before this test starts any thread that reads the environment; every
@@ -260,7 +252,8 @@ async fn outages_during_a_steady_run_lose_and_double_nothing() {
     s.wait_committed(|| ()).await;
     w.assert_alive("the run");
     sigterm(w.child.id());
-    assert!(w.child.wait().expect("reap").success(), "clean stop");
+    let status = sluice_testkit::exit_within(&mut w.child, Duration::from_secs(120), "the worker");
+    assert!(status.success(), "clean stop");
     let log_text = w.log_text();
     assert!(
         log_text.contains("every Kafka broker is unreachable"),

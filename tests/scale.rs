@@ -31,13 +31,7 @@ struct Worker {
 
 impl Worker {
     fn start(s: &Setup, name: &str, log_dir: &std::path::Path) -> Self {
-        let health = SocketAddr::from((
-            [127, 0, 0, 1],
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("free port"),
-        ));
+        let health = sluice_testkit::net::free_addr();
         let port = health.port().to_string();
         let mut env = as_refs(&s.env);
         env.push(("HEALTH_PORT", &port));
@@ -155,7 +149,7 @@ async fn workers_scale_out_by_consumer_group_and_survive_a_kill() {
         sigterm(w.child.id());
     }
     for w in workers.iter_mut() {
-        let status = w.child.wait().expect("reap");
+        let status = sluice_testkit::exit_within(&mut w.child, Duration::from_secs(120), &w.name);
         if w.name != "worker-2" {
             assert!(status.success(), "{} stopped cleanly", w.name);
         }

@@ -133,7 +133,7 @@ async fn two_workers_rebalancing_leave_the_exact_state() {
     s.wait_committed(|| {}).await;
     for w in [&mut first, &mut second] {
         sigterm(w.id());
-        let status = w.wait().expect("reap");
+        let status = sluice_testkit::exit_within(w, Duration::from_secs(120), "the worker");
         assert!(status.success(), "worker stopped cleanly: {status}");
     }
     assert!(

@@ -12,17 +12,11 @@ use std::path::PathBuf;
 use common::{
     TABLES, as_refs, assert_ok, clickhouse, config_path, sluice, table_digests, write_config,
 };
-use sluice_testkit::net::{PrivateBroker, TcpProxy};
+use sluice_testkit::net::{PrivateBroker, TcpProxy, free_addr};
 use sluice_testkit::{create_pg_database, drop_pg_database, unique};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls")).join(name)
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
 }
 
 /// The certificate file PostgreSQL serves (it must have `ssl = on`).

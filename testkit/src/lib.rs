@@ -320,8 +320,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_else(|| panic!("GET {path} on {addr}"))
 }
 
-/// [`http_get`], or `None` when nothing answers (a process that is restarting).
+/// [`http_get`], or `None` when nothing answers within 10 s (a process that is restarting).
 pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    // Bounded: a socket that never closes (a port that connected to itself while nothing
+    // listened on it) must fail the poll, not hang the test.
+    tokio::time::timeout(Duration::from_secs(10), get_once(addr, path))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn get_once(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream
@@ -394,6 +403,28 @@ where
         "round {round}: the killed worker owned partitions: {text}"
     );
     log
+}
+
+/// Waits up to `within` for `child` to exit and returns its status. Past that it is killed
+/// and the test fails naming `what`: a worker that does not stop must fail its test, not
+/// hang it.
+pub fn exit_within(
+    child: &mut std::process::Child,
+    within: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("status") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {within:?}; killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Whether a worker's log ends owning partitions: its last rebalance assigned some.

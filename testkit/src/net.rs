@@ -54,13 +54,19 @@ impl TcpProxy {
         target: SocketAddr,
         tls: Option<tokio_native_tls::TlsAcceptor>,
     ) -> Self {
+        // Bound here, so that a port someone else holds fails the test at once, by name.
+        let first = bind_within(listen, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("proxy cannot listen on {listen}: {e}"));
         let (state, rx) = watch::channel(State::Open);
         let thread = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .expect("proxy runtime")
-                .block_on(serve(listen, target, tls.map(Arc::new), rx));
+                .expect("proxy runtime");
+            let first = runtime.block_on(async { TcpListener::from_std(first) });
+            if let Ok(first) = first {
+                runtime.block_on(serve(first, listen, target, tls.map(Arc::new), rx));
+            }
         });
         Self {
             state,
@@ -88,17 +94,80 @@ impl Drop for TcpProxy {
     }
 }
 
+/// A loopback address on a free port outside the kernel's ephemeral range, for a server a
+/// test starts later. A port from that range (what binding port 0 gives) can meanwhile become
+/// the local port of an outgoing connection, or connect to itself when something dials it
+/// before anyone listens: then nobody can listen on it.
+pub fn free_addr() -> SocketAddr {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Ports handed out by this process: never twice, though the first is not listening yet.
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    static SEED: AtomicU64 = AtomicU64::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, span) = if low > 12000 {
+        (10000u16, low - 10000)
+    } else {
+        (61000u16, 4000)
+    };
+    let mut x = SEED.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+        ^ u64::from(std::process::id()).wrapping_mul(0x2545_f491_4f6c_dd1d)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = from + (x % u64::from(span)) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            given.push(port);
+            return addr;
+        }
+    }
+    panic!(
+        "no free port in {from}..{}",
+        u32::from(from) + u32::from(span)
+    );
+}
+
+/// Binds `addr`, retrying while it is busy (a port just released can be for a moment).
+fn bind_within(addr: SocketAddr, limit: Duration) -> std::io::Result<std::net::TcpListener> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                l.set_nonblocking(true)?;
+                return Ok(l);
+            }
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 async fn serve(
+    first: TcpListener,
     listen: SocketAddr,
     target: SocketAddr,
     tls: Option<Arc<tokio_native_tls::TlsAcceptor>>,
     mut state: watch::Receiver<State>,
 ) {
+    let mut first = Some(first);
     loop {
         let now = *state.borrow_and_update();
         match now {
             State::Stop => return,
             State::Cut => {
+                first = None;
                 if state.changed().await.is_err() {
                     return;
                 }
@@ -106,12 +175,19 @@ async fn serve(
             }
             State::Open => {}
         }
-        let listener = loop {
-            match TcpListener::bind(listen).await {
-                Ok(l) => break l,
-                // The port can stay busy for a moment after a cut.
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
+        let listener = match first.take() {
+            Some(l) => l,
+            None => loop {
+                match TcpListener::bind(listen).await {
+                    Ok(l) => break l,
+                    // The port can stay busy for a moment after a cut; a stop ends the wait
+                    // (a proxy dropped must never hang its test).
+                    Err(_) => tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = state.wait_for(|s| *s == State::Stop) => return,
+                    },
+                }
+            },
         };
         loop {
             tokio::select! {
@@ -214,5 +290,50 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_addresses_are_distinct_bindable_and_never_ephemeral() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768);
+        let addrs: Vec<SocketAddr> = (0..50).map(|_| free_addr()).collect();
+        for a in &addrs {
+            assert!(a.ip().is_loopback());
+            assert!(
+                a.port() < low || low <= 12000,
+                "{a} is in the ephemeral range"
+            );
+            std::net::TcpListener::bind(a).expect("bindable");
+        }
+        let mut ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), addrs.len(), "no port given twice");
+    }
+
+    #[test]
+    fn a_dropped_proxy_whose_port_is_taken_again_stops() {
+        let listen = free_addr();
+        let proxy = TcpProxy::start(listen, free_addr());
+        proxy.cut();
+        std::thread::sleep(Duration::from_millis(200));
+        // Someone else takes the port while the path is cut: the proxy cannot listen again.
+        let _taker = std::net::TcpListener::bind(listen).expect("the cut released the port");
+        proxy.restore();
+        std::thread::sleep(Duration::from_millis(200));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(proxy);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the proxy stops though it is waiting for its port");
     }
 }
