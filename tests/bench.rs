@@ -58,6 +58,15 @@ async fn bench_measures_every_phase_on_the_same_events_and_writes_its_reports() 
         assert!(p["cpu_secs"].as_f64().unwrap_or(0.0) > 0.0, "{p}");
         assert!(p["peak_rss"].as_u64().unwrap_or(0) > 1 << 20, "{p}");
     }
+    // Ceiling A and the worker phases know how much of their time the group join took.
+    for i in [0, 1, 3] {
+        let (join, secs) = (phases[i]["join_secs"].as_f64(), phases[i]["secs"].as_f64());
+        assert!(
+            matches!((join, secs), (Some(j), Some(s)) if j > 0.0 && j < s),
+            "{}",
+            phases[i]
+        );
+    }
     let rows = |i: usize| phases[i]["rows"].as_u64().unwrap_or(0);
     assert!(
         rows(1) >= 20000,

@@ -152,12 +152,23 @@ pub struct Phase {
     pub machine_cpu_secs: f64,
     /// Peak resident set of the process, bytes.
     pub peak_rss: u64,
+    /// Seconds of `secs` before the consumer was first given partitions (start-up and the
+    /// group join, which the broker takes its time over); 0 where unknown.
+    #[serde(default)]
+    pub join_secs: f64,
 }
 
 impl Phase {
     /// Records per second.
     pub fn rate(&self) -> f64 {
         self.events as f64 / self.secs.max(1e-9)
+    }
+
+    /// Records per second once the consumer had partitions (`None` where the join time is
+    /// unknown): the rate the machine sustains, without the fixed cost of joining.
+    pub fn rate_after_join(&self) -> Option<f64> {
+        (self.join_secs > 0.0 && self.join_secs < self.secs)
+            .then(|| self.events as f64 / (self.secs - self.join_secs))
     }
 
     /// Megabytes (10^6) per second.
@@ -274,17 +285,27 @@ impl Report {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "{:<34} {:>11} {:>8} {:>8} {:>13} {:>13} {:>9}",
-            "phase", "records/s", "MB/s", "secs", "CPU s/M rec", "all CPU s/M", "peak RSS"
+            "{:<34} {:>11} {:>8} {:>8} {:>7} {:>12} {:>13} {:>13} {:>9}",
+            "phase",
+            "records/s",
+            "MB/s",
+            "secs",
+            "join s",
+            "after join",
+            "CPU s/M rec",
+            "all CPU s/M",
+            "peak RSS"
         );
         for p in &self.phases {
             let _ = writeln!(
                 t,
-                "{:<34} {:>11.0} {:>8.1} {:>8.1} {:>13.2} {:>13.2} {:>6.0} MB",
+                "{:<34} {:>11.0} {:>8.1} {:>8.1} {:>7} {:>12} {:>13.2} {:>13.2} {:>6.0} MB",
                 p.name,
                 p.rate(),
                 p.mb_per_sec(),
                 p.secs,
+                join_cell(p),
+                after_join_cell(p),
                 p.cpu_per_million(),
                 p.machine_cpu_per_million(),
                 p.peak_rss as f64 / 1_048_576.0
@@ -346,15 +367,17 @@ impl Report {
                 .as_deref()
                 .map_or("off".to_owned(), |p| format!("on (`{p}`)")),
         );
-        m.push_str("| phase | records/s | MB/s | seconds | rows | CPU s per M records | machine CPU s per M records | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        m.push_str("| phase | records/s | MB/s | seconds | of which start-up and join | records/s after the join | rows | CPU s per M records | machine CPU s per M records | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &self.phases {
             let _ = writeln!(
                 m,
-                "| {} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.0} MB |",
+                "| {} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {:.0} MB |",
                 p.name,
                 p.rate(),
                 p.mb_per_sec(),
                 p.secs,
+                join_cell(p),
+                after_join_cell(p),
                 if p.rows == 0 {
                     "—".to_owned()
                 } else {
@@ -411,8 +434,10 @@ impl Report {
              settings and discards it. Ceiling B inserts the rows the worker wrote, fetched back \
              as RowBinary before the clock starts, with the worker's batch size and insert \
              concurrency per table. Worker phases run `run --drain` on a fresh consumer \
-             group and database; their time includes start-up and the group join. CPU and peak \
-             RSS are the process's own (`wait4`). Latency is the live worker's \
+             group and database; their time includes start-up and the group join, which the \
+             join column gives (until the worker's log first says `partitions assigned`; for \
+             ceiling A, from its subscription to its first assignment, since ceiling A's time \
+             starts there), and records/s after the join leaves out. CPU and peak RSS are the process's own (`wait4`). Latency is the live worker's \
              `sluice_record_age_seconds`: per source range (a poll's records of one \
              partition), from its oldest record's Kafka timestamp (set by the producer) to the \
              end of the sink write that holds it; the figures are those of the sink with the \
@@ -778,8 +803,16 @@ impl Bench<'_> {
         }
         cmd.env("KAFKA_TOPICS", filled.topic)
             .env("KAFKA_GROUP_ID", format!("sluice-bench-{}-{tag}", self.id))
-            .env("CLICKHOUSE_DB", &db);
-        let os = measure(cmd, &self.dir.join(format!("worker-{tag}.log"))).await?;
+            .env("CLICKHOUSE_DB", &db)
+            // The source's info lines too: the first assignment's time is the join's end.
+            .env("LOG_LEVEL", "warn,sluice_pipeline::kafka=info");
+        let log = self.dir.join(format!("worker-{tag}.log"));
+        let spawned = std::time::SystemTime::now();
+        let os = measure(cmd, &log).await?;
+        let join_secs = std::fs::read_to_string(&log)
+            .ok()
+            .and_then(|text| join_secs(&text, spawned))
+            .unwrap_or(0.0);
         let (rows, event_rows) = count_rows(&config.clickhouse, self.plan, &db).await?;
         if let Some(expected) = filled.expect_rows
             && event_rows != expected
@@ -799,6 +832,7 @@ impl Bench<'_> {
                 cpu_secs: os.cpu_secs,
                 machine_cpu_secs: os.machine_cpu_secs,
                 peak_rss: os.peak_rss,
+                join_secs,
             },
             db,
         ))
@@ -922,6 +956,66 @@ struct Usage {
 
 /// Busy CPU time of the whole machine so far (`/proc/stat`: all but idle and iowait),
 /// seconds; `None` off Linux.
+/// A phase's join time in the terminal table, `—` where unknown.
+fn join_cell(p: &Phase) -> String {
+    if p.join_secs > 0.0 {
+        format!("{:.1}", p.join_secs)
+    } else {
+        "—".into()
+    }
+}
+
+/// A phase's records/s after its join, `—` where unknown.
+fn after_join_cell(p: &Phase) -> String {
+    p.rate_after_join()
+        .map_or_else(|| "—".into(), |r| format!("{r:.0}"))
+}
+
+/// Seconds from `spawned` to the first "partitions assigned" line of a worker's log (its
+/// timestamps are UTC, RFC 3339, in text or JSON lines).
+fn join_secs(log: &str, spawned: std::time::SystemTime) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains("partitions assigned"))?;
+    let assigned = utc_time_of_day(line)?;
+    let start = spawned
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64()
+        .rem_euclid(86_400.0);
+    Some((assigned - start).rem_euclid(86_400.0))
+}
+
+/// Seconds since midnight of the first `YYYY-MM-DDTHH:MM:SS[.f]` in `line`.
+fn utc_time_of_day(line: &str) -> Option<f64> {
+    let b = line.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let at = (0..b.len().checked_sub(19)?).find(|&i| {
+        digits(i..i + 4)
+            && b[i + 4] == b'-'
+            && digits(i + 5..i + 7)
+            && b[i + 7] == b'-'
+            && digits(i + 8..i + 10)
+            && b[i + 10] == b'T'
+            && digits(i + 11..i + 13)
+            && b[i + 13] == b':'
+            && digits(i + 14..i + 16)
+            && b[i + 16] == b':'
+            && digits(i + 17..i + 19)
+    })?;
+    let field = |r: std::ops::Range<usize>| line[r].parse::<f64>().ok();
+    let mut secs = field(at + 11..at + 13)? * 3600.0
+        + field(at + 14..at + 16)? * 60.0
+        + field(at + 17..at + 19)?;
+    if b.get(at + 19) == Some(&b'.') {
+        let end = (at + 20..b.len())
+            .find(|&i| !b[i].is_ascii_digit())
+            .unwrap_or(b.len());
+        if end > at + 20 {
+            secs += format!("0.{}", &line[at + 20..end]).parse::<f64>().ok()?;
+        }
+    }
+    Some(secs)
+}
+
 fn machine_busy_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
@@ -1087,7 +1181,12 @@ pub(crate) fn consume(mut source: KafkaSourceConfig, opts: &ConsumeOptions) -> R
     })?;
     let started = Instant::now();
     let (mut records, mut bytes) = (0u64, 0u64);
+    let mut join_secs = 0.0;
     while records < opts.events {
+        // Until the group has given partitions (a local call, made only until then).
+        if join_secs == 0.0 && consumer.assignment().is_ok_and(|a| a.count() > 0) {
+            join_secs = started.elapsed().as_secs_f64();
+        }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 use rdkafka::Message;
@@ -1108,6 +1207,7 @@ pub(crate) fn consume(mut source: KafkaSourceConfig, opts: &ConsumeOptions) -> R
         events: records,
         bytes,
         secs: started.elapsed().as_secs_f64(),
+        join_secs,
         ..Phase::default()
     };
     let json = ctx(serde_json::to_string(&phase), || "cannot encode".into())?;
@@ -1317,6 +1417,41 @@ mod tests {
             cpu_secs: 2.0,
             ..Phase::default()
         }
+    }
+
+    #[test]
+    fn the_join_is_read_from_the_first_assignment_in_text_or_json_logs() {
+        let text = "2026-12-07T17:25:08.012851Z  INFO sluice_worker::worker: starting\n\
+                    2026-12-07T17:25:11.026604Z  INFO sluice_pipeline::kafka: partitions assigned source=kafka partitions=6\n\
+                    2026-12-07T17:25:30.000000Z  INFO sluice_pipeline::kafka: partitions assigned source=kafka partitions=3\n";
+        let spawned = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(1_796_664_307.5);
+        // 1_796_664_307.5 is 17:25:07.5 UTC.
+        let join = join_secs(text, spawned).expect("found");
+        assert!((join - 3.526604).abs() < 1e-6, "{join}");
+        let json = r#"{"timestamp":"2026-12-07T17:25:09Z","level":"INFO","message":"partitions assigned"}"#;
+        assert!((join_secs(json, spawned).expect("found") - 1.5).abs() < 1e-6);
+        assert_eq!(join_secs("no assignment here", spawned), None);
+        assert_eq!(utc_time_of_day("partitions assigned at 17:25"), None);
+        // Across midnight.
+        let late = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_687_999);
+        let after = "2026-12-08T00:00:02Z partitions assigned";
+        assert!((join_secs(after, late).expect("found") - 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_rate_after_the_join_leaves_the_join_out() {
+        let mut p = phase("worker", 1000, 5.0);
+        assert_eq!(p.rate_after_join(), None, "unknown join");
+        p.join_secs = 3.0;
+        assert_eq!(p.rate_after_join(), Some(500.0));
+        assert_eq!(join_cell(&p), "3.0");
+        assert_eq!(after_join_cell(&p), "500");
+        p.join_secs = 6.0;
+        assert_eq!(
+            p.rate_after_join(),
+            None,
+            "a join longer than the phase is no figure"
+        );
     }
 
     #[test]
