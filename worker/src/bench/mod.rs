@@ -437,7 +437,8 @@ impl Report {
              group and database; their time includes start-up and the group join, which the \
              join column gives (until the worker's log first says `partitions assigned`; for \
              ceiling A, from its subscription to its first assignment, since ceiling A's time \
-             starts there), and records/s after the join leaves out. CPU and peak RSS are the process's own (`wait4`). Latency is the live worker's \
+             starts there), and records/s after the join leaves out. CPU and peak RSS are \
+             the process's own (`wait4`). Latency is the live worker's \
              `sluice_record_age_seconds`: per source range (a poll's records of one \
              partition), from its oldest record's Kafka timestamp (set by the producer) to the \
              end of the sink write that holds it; the figures are those of the sink with the \
@@ -954,8 +955,6 @@ struct Usage {
     peak_rss: u64,
 }
 
-/// Busy CPU time of the whole machine so far (`/proc/stat`: all but idle and iowait),
-/// seconds; `None` off Linux.
 /// A phase's join time in the terminal table, `—` where unknown.
 fn join_cell(p: &Phase) -> String {
     if p.join_secs > 0.0 {
@@ -1016,6 +1015,8 @@ fn utc_time_of_day(line: &str) -> Option<f64> {
     Some(secs)
 }
 
+/// Busy CPU time of the whole machine so far (`/proc/stat`: all but idle and iowait),
+/// seconds; `None` off Linux.
 fn machine_busy_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat
