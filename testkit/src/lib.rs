@@ -322,8 +322,8 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 /// [`http_get`], or `None` when nothing answers within 10 s (a process that is restarting).
 pub async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    // Bounded: a socket that never closes (a port that connected to itself while nothing
-    // listened on it) must fail the poll, not hang the test.
+    // Bounded: a connection that is never answered nor closed must fail the poll, not hang
+    // the test.
     tokio::time::timeout(Duration::from_secs(10), get_once(addr, path))
         .await
         .ok()

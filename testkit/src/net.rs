@@ -63,10 +63,10 @@ impl TcpProxy {
                 .enable_all()
                 .build()
                 .expect("proxy runtime");
-            let first = runtime.block_on(async { TcpListener::from_std(first) });
-            if let Ok(first) = first {
-                runtime.block_on(serve(first, listen, target, tls.map(Arc::new), rx));
-            }
+            let first = runtime
+                .block_on(async { TcpListener::from_std(first) })
+                .expect("proxy listener");
+            runtime.block_on(serve(first, listen, target, tls.map(Arc::new), rx));
         });
         Self {
             state,
@@ -94,20 +94,25 @@ impl Drop for TcpProxy {
     }
 }
 
+/// The first port of the kernel's ephemeral range (Linux; 32768 where unknown).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
 /// A loopback address on a free port outside the kernel's ephemeral range, for a server a
-/// test starts later. A port from that range (what binding port 0 gives) can meanwhile become
-/// the local port of an outgoing connection, or connect to itself when something dials it
-/// before anyone listens: then nobody can listen on it.
+/// test starts later. A port from that range (what binding port 0 gives) is the pool every
+/// process's port-0 binds and outgoing connections draw from, so it can be taken before the
+/// test listens on it.
 pub fn free_addr() -> SocketAddr {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
     // Ports handed out by this process: never twice, though the first is not listening yet.
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     static SEED: AtomicU64 = AtomicU64::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
+    let low = ephemeral_low();
     let (from, span) = if low > 12000 {
         (10000u16, low - 10000)
     } else {
@@ -299,10 +304,7 @@ mod tests {
 
     #[test]
     fn free_addresses_are_distinct_bindable_and_never_ephemeral() {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(32768);
+        let low = ephemeral_low();
         let addrs: Vec<SocketAddr> = (0..50).map(|_| free_addr()).collect();
         for a in &addrs {
             assert!(a.ip().is_loopback());
