@@ -223,6 +223,7 @@ impl Source for KafkaSource {
 
         let handle = tokio::runtime::Handle::current();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         let config = self.config;
         std::thread::Builder::new()
             .name("sluice-kafka".into())
@@ -242,17 +243,30 @@ impl Source for KafkaSource {
                 };
                 let result = worker.run();
                 let _ = done_tx.send(result);
+                // Dropping the consumer closes it: the revoke, and the LeaveGroup that tells
+                // the broker to rebalance now rather than at this member's session timeout.
+                let name = worker.shared.name.clone();
+                drop(worker);
+                tracing::info!(source = %name, "consumer closed: it left the group");
+                let _ = closed_tx.send(());
             })
             .map_err(|e| PipelineError::Source {
                 stage: name.clone(),
                 message: format!("cannot start consumer thread: {e}"),
             })?;
-        done_rx.await.unwrap_or_else(|_| {
+        let result = done_rx.await.unwrap_or_else(|_| {
             Err(PipelineError::Source {
-                stage: name,
+                stage: name.clone(),
                 message: "consumer thread panicked".into(),
             })
-        })
+        });
+        // The process may exit as soon as the source returns, killing the thread mid-close: a
+        // member that never sent its LeaveGroup stays in the group until its session times
+        // out (45 s by default), and the next member waits that long for any partition.
+        if tokio::time::timeout(CLOSE_WAIT, closed_rx).await.is_err() {
+            tracing::warn!(source = %name, wait = ?CLOSE_WAIT, "the consumer did not close in time; the group sees this member leave only at its session timeout");
+        }
+        result
     }
 }
 
@@ -557,6 +571,9 @@ struct Drain {
     base: HashMap<TopicPartition, i64>,
 }
 
+/// How long a stopping source waits for its consumer to close (revoke, leave the group);
+/// it takes milliseconds with a broker that answers.
+const CLOSE_WAIT: Duration = Duration::from_secs(15);
 /// How often a drain asks the broker for what it cannot see itself.
 const DRAIN_ASK: Duration = Duration::from_secs(1);
 
