@@ -133,8 +133,9 @@ async fn a_drain_covers_every_partition_though_a_dead_member_held_half_of_them()
 /// A worker stopped 3 s into its group join lets the join complete and then leaves: the next
 /// member gets every partition at the group's next forming. Without that, the broker kept the
 /// stopped joiner as a member, and a worker started after it got nothing for over a minute.
-/// The same happened when the process exited while its consumer was still closing (a CI run
-/// on 2026-12-07: 82 s), so the source now returns only once the consumer has closed.
+/// The same wait follows when the process exits while its consumer is still closing, before
+/// the LeaveGroup (likely what a CI run on 2026-12-07 met: 82 s), so the source now returns
+/// only once the consumer has closed, and this worker must have logged that.
 #[tokio::test]
 async fn a_worker_stopped_during_its_join_leaves_the_group() {
     let _alone = ONE_AT_A_TIME.lock().await;
