@@ -246,8 +246,13 @@ impl Source for KafkaSource {
                 // Dropping the consumer closes it: the revoke, and the LeaveGroup that tells
                 // the broker to rebalance now rather than at this member's session timeout.
                 let name = worker.shared.name.clone();
+                let joined = worker.shared.joined.load(std::sync::atomic::Ordering::Relaxed);
                 drop(worker);
-                tracing::info!(source = %name, "consumer closed: it left the group");
+                if joined {
+                    tracing::info!(source = %name, "consumer closed: it left the group");
+                } else {
+                    tracing::info!(source = %name, "consumer closed; it had never joined the group");
+                }
                 let _ = closed_tx.send(());
             })
             .map_err(|e| PipelineError::Source {
