@@ -971,48 +971,20 @@ fn after_join_cell(p: &Phase) -> String {
 }
 
 /// Seconds from `spawned` to the first "partitions assigned" line of a worker's log (its
-/// timestamps are UTC, RFC 3339, in text or JSON lines).
+/// timestamps are RFC 3339, in text or JSON lines).
 fn join_secs(log: &str, spawned: std::time::SystemTime) -> Option<f64> {
     let line = log.lines().find(|l| l.contains("partitions assigned"))?;
-    let assigned = utc_time_of_day(line)?;
-    let start = spawned
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs_f64()
-        .rem_euclid(86_400.0);
-    Some((assigned - start).rem_euclid(86_400.0))
+    let assigned = line_time(line)?;
+    Some((assigned - time::OffsetDateTime::from(spawned)).as_seconds_f64())
 }
 
-/// Seconds since midnight of the first `YYYY-MM-DDTHH:MM:SS[.f]` in `line`.
-fn utc_time_of_day(line: &str) -> Option<f64> {
-    let b = line.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    let at = (0..b.len().checked_sub(19)?).find(|&i| {
-        digits(i..i + 4)
-            && b[i + 4] == b'-'
-            && digits(i + 5..i + 7)
-            && b[i + 7] == b'-'
-            && digits(i + 8..i + 10)
-            && b[i + 10] == b'T'
-            && digits(i + 11..i + 13)
-            && b[i + 13] == b':'
-            && digits(i + 14..i + 16)
-            && b[i + 16] == b':'
-            && digits(i + 17..i + 19)
-    })?;
-    let field = |r: std::ops::Range<usize>| line[r].parse::<f64>().ok();
-    let mut secs = field(at + 11..at + 13)? * 3600.0
-        + field(at + 14..at + 16)? * 60.0
-        + field(at + 17..at + 19)?;
-    if b.get(at + 19) == Some(&b'.') {
-        let end = (at + 20..b.len())
-            .find(|&i| !b[i].is_ascii_digit())
-            .unwrap_or(b.len());
-        if end > at + 20 {
-            secs += format!("0.{}", &line[at + 20..end]).parse::<f64>().ok()?;
-        }
-    }
-    Some(secs)
+/// The first RFC 3339 timestamp of a log line (a text line's first word, a JSON line's
+/// `"timestamp"` value).
+fn line_time(line: &str) -> Option<time::OffsetDateTime> {
+    line.split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+        .find_map(|word| {
+            time::OffsetDateTime::parse(word, &time::format_description::well_known::Rfc3339).ok()
+        })
 }
 
 /// Busy CPU time of the whole machine so far (`/proc/stat`: all but idle and iowait),
@@ -1432,7 +1404,7 @@ mod tests {
         let json = r#"{"timestamp":"2026-12-07T17:25:09Z","level":"INFO","message":"partitions assigned"}"#;
         assert!((join_secs(json, spawned).expect("found") - 1.5).abs() < 1e-6);
         assert_eq!(join_secs("no assignment here", spawned), None);
-        assert_eq!(utc_time_of_day("partitions assigned at 17:25"), None);
+        assert_eq!(line_time("partitions assigned at 17:25"), None);
         // Across midnight.
         let late = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_687_999);
         let after = "2026-12-08T00:00:02Z partitions assigned";
